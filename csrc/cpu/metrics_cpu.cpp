@@ -1,13 +1,18 @@
 // CPU kernels of the multi-label evaluation ops.
 //
 // multilabel_ap never sorts a label's N scores. AP only needs, for each positive p, how many annotated entries
-// score at least p. So per label we sort the P positives, then drop every other annotated entry into the bucket
-// "how many positives are <= its score" (a search among P sorted values, started from a coarse lookup table), and
-// suffix sums over the buckets give each positive its count: O(N + P log P) work per label, O(N) workspace.
-// Labels are processed in blocks of kLabelBlock adjacent columns so that each row's cache line is read once
-// per pass; blocks run in parallel.
+// score at least p. So per label we sort its P positives, drop every other annotated entry into the bucket
+// "how many positives are <= its score", and suffix sums over the buckets give each positive its count:
+// O(N + P log P) work per label and no copy of the score matrix.
+//   1. A row-major scan of the targets gathers each label's positive scores (CSR over labels).
+//   2. Labels are processed in parallel blocks of kLabelBlock adjacent columns. Each label gets a table of
+//      G ~ 4P equal-width bins over [min positive, max positive]; a bin
+//      remembers how many positives fall in lower bins. The bin function is monotone, so a score's bucket is that
+//      count plus a comparison with the (usually zero or one) positives in its own bin: exact, and nearly
+//      branch-free.
 //
-// multilabel_topk_hits keeps, per row, a sorted buffer of the k best (score, index) pairs in one pass.
+// multilabel_topk_hits keeps, per row, a sorted buffer of the k best (score, index) pairs in one pass, skipping
+// whole chunks of the row that cannot beat the current k-th best.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -17,6 +22,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <vector>
 
 #include "../checks.h"
@@ -24,68 +31,131 @@
 namespace pyzsl {
 namespace {
 
-constexpr int64_t kLabelBlock = 16;
-constexpr int64_t kMaxTable = 1 << 14;
+constexpr int64_t kLabelBlock = 128;
+constexpr int64_t kMaxBins = 1 << 16;
+constexpr int64_t kTopkChunk = 32;
 
 // Exact comparisons need a type that holds every score value: float for half/bfloat16/float, double for double.
 template <typename scalar_t>
 using compare_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// One label's sorted positives plus a table that maps a score to a first guess of
-// upper_bound(positives, score). The guess only speeds up the search; the result is exact.
+// Positive scores of every label, gathered by one parallel row-major scan of the targets.
 template <typename T>
-struct PositiveIndex {
-  std::vector<T> pos;          // ascending
-  std::vector<int64_t> table;  // table[b] = #positives <= lo + b * width
-  std::vector<int64_t> count;  // count[m] = #non-positive annotated entries with exactly m positives <= them
-  T lo = 0, hi = 0;
-  double inv_width = 0;
+struct PositivesByLabel {
+  std::vector<int64_t> offsets;  // [L + 1]
+  std::vector<T> values;         // label j's positives at [offsets[j], offsets[j + 1]), unsorted
+};
 
-  void build() {
+// Whether any of the 8 int8 targets at p equals 1 (SWAR: a zero byte of x ^ 0x0101.. marks a 1).
+inline bool any_byte_is_one(const int8_t* p) {
+  uint64_t x;
+  std::memcpy(&x, p, sizeof(x));
+  x ^= 0x0101010101010101ULL;
+  return ((x - 0x0101010101010101ULL) & ~x & 0x8080808080808080ULL) != 0;
+}
+
+template <typename scalar_t, typename T = compare_t<scalar_t>>
+PositivesByLabel<T> gather_positives(const scalar_t* scores, const int8_t* targets, const bool* row_mask, int64_t N,
+                                     int64_t L) {
+  struct Hit {
+    int32_t label;
+    T value;
+  };
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, N));
+  const int64_t rows_per_chunk = (N + chunks - 1) / chunks;
+  std::vector<std::vector<Hit>> hits(chunks);
+  // One row-major scan; positives are sparse, so eight targets are skipped at a time.
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t n = c * rows_per_chunk; n < std::min(N, (c + 1) * rows_per_chunk); ++n) {
+        if (row_mask != nullptr && !row_mask[n]) continue;
+        const int8_t* t = targets + n * L;
+        const scalar_t* s = scores + n * L;
+        int64_t j = 0;
+        for (; j + 8 <= L; j += 8) {
+          if (!any_byte_is_one(t + j)) continue;
+          for (int64_t i = j; i < j + 8; ++i) {
+            if (t[i] == 1) hits[c].push_back({static_cast<int32_t>(i), static_cast<T>(s[i])});
+          }
+        }
+        for (; j < L; ++j) {
+          if (t[j] == 1) hits[c].push_back({static_cast<int32_t>(j), static_cast<T>(s[j])});
+        }
+      }
+    }
+  });
+  PositivesByLabel<T> out;
+  out.offsets.assign(L + 1, 0);
+  for (const auto& chunk : hits) {
+    for (const Hit& h : chunk) ++out.offsets[h.label + 1];
+  }
+  for (int64_t j = 0; j < L; ++j) out.offsets[j + 1] += out.offsets[j];
+  out.values.resize(out.offsets[L]);
+  std::vector<int64_t> cursor(out.offsets.begin(), out.offsets.end() - 1);
+  for (const auto& chunk : hits) {
+    for (const Hit& h : chunk) out.values[cursor[h.label]++] = h.value;
+  }
+  return out;
+}
+
+// One label's sorted positives, bins and bucket counts (thread-local storage, reused across labels).
+template <typename T>
+struct LabelBuckets {
+  std::vector<T> pos;          // ascending, followed by two +inf sentinels
+  std::vector<int32_t> table;  // per bin: (#positives in lower bins) << 2 | min(#positives in the bin, 3)
+  std::vector<int32_t> count;  // count[m] = #other annotated entries with exactly m positives <= them
+  int64_t P = 0;
+  T lo = 0;
+  T scale = 0;
+  T last_bin = 0;
+
+  // Monotone in v (sub, mul, clamp and truncation all preserve order), so bins never reorder scores.
+  int32_t bin(T v) const {
+    const T x = std::min(std::max((v - lo) * scale, T(0)), last_bin);
+    return static_cast<int32_t>(x);
+  }
+
+  void build(const T* first, int64_t n) {
+    P = n;
+    pos.assign(first, first + n);
     std::sort(pos.begin(), pos.end());
-    const int64_t P = static_cast<int64_t>(pos.size());
+    pos.push_back(std::numeric_limits<T>::infinity());
+    pos.push_back(std::numeric_limits<T>::infinity());
     count.assign(P + 1, 0);
     if (P == 0) return;
     lo = pos.front();
-    hi = pos.back();
-    const int64_t G = std::min<int64_t>(2 * P + 1, kMaxTable);
-    inv_width = hi > lo ? static_cast<double>(G) / (static_cast<double>(hi) - static_cast<double>(lo)) : 0.0;
-    table.resize(G + 1);
-    int64_t i = 0;
-    for (int64_t b = 0; b <= G; ++b) {
-      const double edge = static_cast<double>(lo) + (inv_width > 0 ? b / inv_width : 0.0);
-      while (i < P && static_cast<double>(pos[i]) <= edge) ++i;
-      table[b] = i;
+    const T hi = pos[P - 1];
+    const int64_t G = std::min<int64_t>(4 * P, kMaxBins);
+    last_bin = static_cast<T>(G - 1);
+    scale = hi > lo ? static_cast<T>(G) / (hi - lo) : T(0);
+    if (!std::isfinite(static_cast<double>(scale))) scale = 0;  // positives too close for the bin width: one bin
+    std::vector<int32_t> in_bin(G, 0);
+    for (int64_t i = 0; i < P; ++i) ++in_bin[bin(pos[i])];
+    table.resize(G);
+    int32_t below = 0;
+    for (int64_t b = 0; b < G; ++b) {
+      table[b] = (below << 2) | std::min(in_bin[b], 3);
+      below += in_bin[b];
     }
   }
 
-  // #positives <= v, for v in [lo, hi).
-  int64_t upper_bound(T v) const {
-    const int64_t G = static_cast<int64_t>(table.size()) - 1;
-    int64_t b = static_cast<int64_t>((static_cast<double>(v) - static_cast<double>(lo)) * inv_width);
-    b = std::clamp<int64_t>(b, 0, G - 1);
-    auto first = pos.begin() + table[b];
-    auto last = pos.begin() + table[b + 1];
-    int64_t g = std::upper_bound(first, last, v) - pos.begin();
-    // Rounding in the bucket arithmetic can put v one bucket off: walk to the exact answer.
-    const int64_t P = static_cast<int64_t>(pos.size());
-    while (g < P && pos[g] <= v) ++g;
-    while (g > 0 && pos[g - 1] > v) --g;
-    return g;
-  }
-
-  void add_negative(T v) {
-    if (v < lo) return;  // ranks below every positive: it never counts
-    if (v >= hi) {
-      ++count[pos.size()];
-      return;
+  // Counts a non-positive annotated score: its bucket is how many positives are <= v. Positives of lower bins are
+  // < v and of higher bins > v (monotone bins), so only the positives of v's own bin are compared: the first two
+  // without branches, any further ones (rare with ~4 bins per positive) in a loop that the sentinels end.
+  inline void add(T v) {
+    const int32_t entry = table[bin(v)];
+    const int32_t in_bin = entry & 3;
+    int32_t g = entry >> 2;
+    g += (in_bin >= 1) & (pos[g] <= v);
+    g += (in_bin >= 2) & (pos[g] <= v);
+    if (in_bin == 3) {
+      while (pos[g] <= v) ++g;
     }
-    ++count[upper_bound(v)];
+    ++count[g];
   }
 
   // (1/P) * sum over positives p of pos(>= p) / annotated(>= p), walking tie groups from the top.
   double average_precision() const {
-    const int64_t P = static_cast<int64_t>(pos.size());
     if (P == 0) return 0.0;
     double sum = 0.0;
     int64_t negatives_at_or_above = count[P];
@@ -107,38 +177,34 @@ template <typename scalar_t>
 void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_mask, int64_t N, int64_t L,
                bool unannotated_is_negative, double* ap, int64_t* num_positives) {
   using T = compare_t<scalar_t>;
-  const int64_t num_blocks = (L + kLabelBlock - 1) / kLabelBlock;
+  const auto positives = gather_positives<scalar_t>(scores, targets, row_mask, N, L);
+  // Entries with target <= this value are "other annotated": -1 always, 0 when unannotated counts as negative.
+  const int8_t max_negative = unannotated_is_negative ? 0 : -1;
+  // Blocks of kLabelBlock adjacent labels: a row's 128 entries are two contiguous runs (scores, targets) that
+  // the prefetcher streams, while the block's label structures (~25 bytes per positive) stay in L2/L3.
+  const int64_t width_per_block = kLabelBlock;
+  const int64_t num_blocks = (L + width_per_block - 1) / width_per_block;
   at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-    std::vector<PositiveIndex<T>> index(kLabelBlock);
+    std::vector<LabelBuckets<T>> buckets(width_per_block);
     for (int64_t block = block_begin; block < block_end; ++block) {
-      const int64_t j0 = block * kLabelBlock;
-      const int64_t width = std::min(kLabelBlock, L - j0);
-      for (int64_t b = 0; b < width; ++b) index[b].pos.clear();
-      // Pass 1: gather each label's positive scores.
-      for (int64_t n = 0; n < N; ++n) {
-        if (row_mask != nullptr && !row_mask[n]) continue;
-        const scalar_t* s = scores + n * L + j0;
-        const int8_t* t = targets + n * L + j0;
-        for (int64_t b = 0; b < width; ++b) {
-          if (t[b] == 1) index[b].pos.push_back(static_cast<T>(s[b]));
-        }
+      const int64_t j0 = block * width_per_block;
+      const int64_t width = std::min(width_per_block, L - j0);
+      for (int64_t b = 0; b < width; ++b) {
+        const int64_t first = positives.offsets[j0 + b], last = positives.offsets[j0 + b + 1];
+        buckets[b].build(positives.values.data() + first, last - first);
       }
-      for (int64_t b = 0; b < width; ++b) index[b].build();
-      // Pass 2: bucket every other annotated entry by how many positives it outranks or ties.
-      const int8_t lowest_negative = unannotated_is_negative ? 0 : -1;
       for (int64_t n = 0; n < N; ++n) {
         if (row_mask != nullptr && !row_mask[n]) continue;
         const scalar_t* s = scores + n * L + j0;
         const int8_t* t = targets + n * L + j0;
         for (int64_t b = 0; b < width; ++b) {
-          if (t[b] <= lowest_negative && t[b] != 1 && !index[b].pos.empty()) {
-            index[b].add_negative(static_cast<T>(s[b]));
-          }
+          // Labels without a positive have P == 0 and AP 0; their entries are skipped.
+          if (t[b] <= max_negative && buckets[b].P > 0) buckets[b].add(static_cast<T>(s[b]));
         }
       }
       for (int64_t b = 0; b < width; ++b) {
-        ap[j0 + b] = index[b].average_precision();
-        num_positives[j0 + b] = static_cast<int64_t>(index[b].pos.size());
+        ap[j0 + b] = buckets[b].average_precision();
+        num_positives[j0 + b] = buckets[b].P;
       }
     }
   });
@@ -179,10 +245,10 @@ void topk_kernel(const scalar_t* scores, const int8_t* targets, int64_t N, int64
       const scalar_t* s = scores + n * L;
       const int8_t* t = targets + n * L;
       int64_t filled = 0;
-      for (int64_t j = 0; j < L; ++j) {
+      auto offer = [&](int64_t j) {
         const T v = static_cast<T>(s[j]);
         // A later index loses ties, so it enters only when strictly better than the current k-th.
-        if (filled == kept && !(v > best[kept - 1])) continue;
+        if (filled == kept && !(v > best[kept - 1])) return;
         int64_t pos = filled < kept ? filled++ : kept - 1;
         while (pos > 0 && best[pos - 1] < v) {
           best[pos] = best[pos - 1];
@@ -191,7 +257,19 @@ void topk_kernel(const scalar_t* scores, const int8_t* targets, int64_t N, int64
         }
         best[pos] = v;
         best_index[pos] = j;
+      };
+      int64_t j = 0;
+      for (; j < L && filled < kept; ++j) offer(j);
+      // Most chunks hold nothing above the k-th best: test a whole chunk with a vectorisable reduction first.
+      for (; j + kTopkChunk <= L; j += kTopkChunk) {
+        const T threshold = best[kept - 1];
+        bool any_above = false;
+        for (int64_t i = 0; i < kTopkChunk; ++i) any_above |= static_cast<T>(s[j + i]) > threshold;
+        if (any_above) {
+          for (int64_t i = 0; i < kTopkChunk; ++i) offer(j + i);
+        }
       }
+      for (; j < L; ++j) offer(j);
       bool* h = hits + n * k;
       for (int64_t r = 0; r < k; ++r) h[r] = r < kept && t[best_index[r]] == 1;
       int64_t positives = 0;

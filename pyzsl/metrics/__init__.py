@@ -1,0 +1,16 @@
+"""Evaluation: multi-label ZSL (mAP, top-K P/R/F1 under the lesa / sdl / biam protocols) and GZSL accuracy."""
+from .evaluator import MultilabelZSLEvaluator
+from .functional import (PROTOCOLS, GZSLAccuracy, TopK, gzsl_accuracy, multilabel_average_precision,
+                         multilabel_evaluation, multilabel_topk, zsl_accuracy)
+
+__all__ = [
+    "PROTOCOLS",
+    "GZSLAccuracy",
+    "MultilabelZSLEvaluator",
+    "TopK",
+    "gzsl_accuracy",
+    "multilabel_average_precision",
+    "multilabel_evaluation",
+    "multilabel_topk",
+    "zsl_accuracy",
+]

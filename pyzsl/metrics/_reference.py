@@ -48,7 +48,7 @@ def multilabel_ap(
         pos_at_or_above = _count_at_or_above(s_sorted, positive.gather(1, order).long(), s)
         annotated_at_or_above = _count_at_or_above(s_sorted, annotated.gather(1, order).long(), s)
         precision_at_positive = torch.where(
-            positive, pos_at_or_above / annotated_at_or_above.clamp(min=1), torch.zeros((), dtype=torch.float64)
+            positive, pos_at_or_above.double() / annotated_at_or_above.clamp(min=1), torch.zeros((), dtype=torch.float64)
         )
         P = positive.sum(1)
         ap[j0 : j0 + chunk] = precision_at_positive.sum(1) / P.clamp(min=1)
