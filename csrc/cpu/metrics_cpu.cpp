@@ -6,7 +6,7 @@
 // O(N + P log P) work per label and no copy of the score matrix.
 //   1. A row-major scan of the targets gathers each label's positive scores (CSR over labels).
 //   2. Labels are processed in parallel blocks of kLabelBlock adjacent columns. Each label gets a table of
-//      G ~ 4P equal-width bins over [min positive, max positive]; a bin
+//      G ~ 2P equal-width bins over [min positive, max positive]; a bin
 //      remembers how many positives fall in lower bins. The bin function is monotone, so a score's bucket is that
 //      count plus a comparison with the (usually zero or one) positives in its own bin: exact, and nearly
 //      branch-free.
@@ -101,8 +101,14 @@ PositivesByLabel<T> gather_positives(const scalar_t* scores, const int8_t* targe
 // One label's sorted positives, bins and bucket counts (thread-local storage, reused across labels).
 template <typename T>
 struct LabelBuckets {
-  std::vector<T> pos;          // ascending, followed by two +inf sentinels
-  std::vector<int32_t> table;  // per bin: (#positives in lower bins) << 2 | min(#positives in the bin, 3)
+  // Per bin: (#positives in lower bins) << 2 | min(#positives in the bin, 3), and how many scores of bins without a
+  // positive landed there; side by side so the common case touches one cache line.
+  struct Bin {
+    int32_t entry;
+    int32_t landed;
+  };
+  std::vector<T> pos;        // ascending, followed by two +inf sentinels
+  std::vector<Bin> bins;
   std::vector<int32_t> count;  // count[m] = #other annotated entries with exactly m positives <= them
   int64_t P = 0;
   T lo = 0;
@@ -125,33 +131,43 @@ struct LabelBuckets {
     if (P == 0) return;
     lo = pos.front();
     const T hi = pos[P - 1];
-    const int64_t G = std::min<int64_t>(4 * P, kMaxBins);
+    const int64_t G = std::min<int64_t>(2 * P, kMaxBins);
     last_bin = static_cast<T>(G - 1);
     scale = hi > lo ? static_cast<T>(G) / (hi - lo) : T(0);
     if (!std::isfinite(static_cast<double>(scale))) scale = 0;  // positives too close for the bin width: one bin
-    std::vector<int32_t> in_bin(G, 0);
-    for (int64_t i = 0; i < P; ++i) ++in_bin[bin(pos[i])];
-    table.resize(G);
+    bins.assign(G, Bin{0, 0});
+    for (int64_t i = 0; i < P; ++i) ++bins[bin(pos[i])].landed;  // positives per bin, for now
     int32_t below = 0;
-    for (int64_t b = 0; b < G; ++b) {
-      table[b] = (below << 2) | std::min(in_bin[b], 3);
-      below += in_bin[b];
+    for (Bin& b : bins) {
+      const int32_t in_bin = b.landed;
+      b = Bin{(below << 2) | std::min(in_bin, 3), 0};
+      below += in_bin;
     }
   }
 
   // Counts a non-positive annotated score: its bucket is how many positives are <= v. Positives of lower bins are
-  // < v and of higher bins > v (monotone bins), so only the positives of v's own bin are compared: the first two
-  // without branches, any further ones (rare with ~4 bins per positive) in a loop that the sentinels end.
+  // < v and of higher bins > v (monotone bins), so a score in a bin without positives just counts for that bin;
+  // otherwise only the positives of its own bin are compared: the first two without branches, any further ones in a
+  // loop that the sentinels end.
   inline void add(T v) {
-    const int32_t entry = table[bin(v)];
-    const int32_t in_bin = entry & 3;
-    int32_t g = entry >> 2;
-    g += (in_bin >= 1) & (pos[g] <= v);
+    Bin& b = bins[bin(v)];
+    const int32_t in_bin = b.entry & 3;
+    if (in_bin == 0) {
+      ++b.landed;
+      return;
+    }
+    int32_t g = b.entry >> 2;
+    g += pos[g] <= v;
     g += (in_bin >= 2) & (pos[g] <= v);
     if (in_bin == 3) {
       while (pos[g] <= v) ++g;
     }
     ++count[g];
+  }
+
+  // Folds the per-bin tallies into count[]; call once after the last add().
+  void finish() {
+    for (const Bin& b : bins) count[b.entry >> 2] += b.landed;
   }
 
   // (1/P) * sum over positives p of pos(>= p) / annotated(>= p), walking tie groups from the top.
@@ -203,6 +219,7 @@ void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_ma
         }
       }
       for (int64_t b = 0; b < width; ++b) {
+        buckets[b].finish();
         ap[j0 + b] = buckets[b].average_precision();
         num_positives[j0 + b] = buckets[b].P;
       }
