@@ -117,7 +117,8 @@ struct LabelBuckets {
 
   // Monotone in v (sub, mul, clamp and truncation all preserve order), so bins never reorder scores.
   int32_t bin(T v) const {
-    const T x = std::min(std::max((v - lo) * scale, T(0)), last_bin);
+    // (v - lo) can overflow to inf, and inf * 0 is NaN when scale is 0 (one bin): max(0, NaN) is 0 here.
+    const T x = std::min(std::max(T(0), (v - lo) * scale), last_bin);
     return static_cast<int32_t>(x);
   }
 
@@ -160,7 +161,7 @@ struct LabelBuckets {
     g += pos[g] <= v;
     g += (in_bin >= 2) & (pos[g] <= v);
     if (in_bin == 3) {
-      while (pos[g] <= v) ++g;
+      while (g < P && pos[g] <= v) ++g;  // bounded: the +inf sentinels do not stop a score of +inf
     }
     ++count[g];
   }

@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .._backend import BACKENDS
 from .._checks import check_index_list, check_positive_int, check_tensor
 from .functional import PROTOCOLS, _check_multilabel, multilabel_evaluation
 
@@ -51,6 +52,8 @@ class MultilabelZSLEvaluator:
         if protocol not in PROTOCOLS:
             raise ValueError(f"MultilabelZSLEvaluator: protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}")
         self.ks = [check_positive_int(k, "ks", "MultilabelZSLEvaluator") for k in ks]
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"MultilabelZSLEvaluator: backend must be one of {BACKENDS}, got {backend!r}")
         self._unseen = unseen
         self._seen = seen
         self.protocol = protocol
@@ -67,7 +70,7 @@ class MultilabelZSLEvaluator:
     def _set_label_count(self, num_labels: int) -> None:
         op = "MultilabelZSLEvaluator"
         unseen = check_index_list(self._unseen, num_labels, "unseen", op)
-        self.subsets = {"zsl": unseen}
+        self.subsets = {"zsl": unseen.sort().values}  # matrix order, like GZSL: it decides top-K ties
         if self._seen is not None:
             seen = check_index_list(self._seen, num_labels, "seen", op)
             if bool(torch.isin(seen, unseen).any()):

@@ -80,7 +80,7 @@ def _check_multilabel(scores, targets, op: str) -> Tuple[Tensor, Tensor]:
     check_same_device(targets, scores, "targets", "scores", op)
     check_values_in(targets, (-1, 0, 1), "targets", op)
     check_finite(scores, "scores", op)
-    return scores, targets if targets.dtype == torch.int8 else targets.to(torch.int8)
+    return scores.detach(), targets if targets.dtype == torch.int8 else targets.to(torch.int8)
 
 
 def _ap_kernel(backend: str):
@@ -201,7 +201,10 @@ def multilabel_evaluation(
     return results
 
 
-def _predictions(logits_or_preds: Tensor, labels: Tensor, op: str, allowed_columns: Optional[Tensor]) -> Tensor:
+def _predictions(
+    logits_or_preds: Tensor, labels: Tensor, op: str, allowed_columns: Tensor, restrict_argmax: bool
+) -> Tensor:
+    """Predicted class ids; logits must have a column for every class in ``allowed_columns``."""
     check_tensor(logits_or_preds, "logits_or_preds", op)
     check_tensor(labels, "labels", op)
     if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
@@ -211,13 +214,13 @@ def _predictions(logits_or_preds: Tensor, labels: Tensor, op: str, allowed_colum
         if logits_or_preds.shape[0] != labels.shape[0]:
             raise ValueError(f"{op}: logits have {logits_or_preds.shape[0]} rows but labels has {labels.shape[0]}")
         check_finite(logits_or_preds, "logits_or_preds", op)
-        if allowed_columns is None:
-            return logits_or_preds.argmax(dim=1)
         if allowed_columns.numel() and int(allowed_columns.max()) >= logits_or_preds.shape[1]:
             raise ValueError(f"{op}: class index {int(allowed_columns.max())} is out of range for logits with "
                              f"{logits_or_preds.shape[1]} columns")
-        columns = allowed_columns.to(logits_or_preds.device)
-        return columns[logits_or_preds[:, columns].argmax(dim=1)]
+        if restrict_argmax:
+            columns = allowed_columns.to(logits_or_preds.device)
+            return columns[logits_or_preds[:, columns].argmax(dim=1)]
+        return logits_or_preds.argmax(dim=1)
     if logits_or_preds.dim() == 1 and not logits_or_preds.dtype.is_floating_point:
         if logits_or_preds.shape != labels.shape:
             raise ValueError(f"{op}: predictions shape {list(logits_or_preds.shape)} differs from labels shape "
@@ -262,7 +265,7 @@ def gzsl_accuracy(
     unseen = check_index_list(unseen_classes, num_classes, "unseen_classes", op)
     if bool(torch.isin(seen, unseen).any()):
         raise ValueError(f"{op}: seen_classes and unseen_classes overlap at {torch.isin(seen, unseen).nonzero()[0]}")
-    preds = _predictions(logits_or_preds, labels, op, None).cpu().long()
+    preds = _predictions(logits_or_preds, labels, op, torch.cat([seen, unseen]), restrict_argmax=False).cpu().long()
     labels = labels.cpu().long()
     _labels_in(labels, torch.cat([seen, unseen]), "seen_classes or unseen_classes", op)
     is_seen = torch.isin(labels, seen)
@@ -282,7 +285,7 @@ def zsl_accuracy(logits_or_preds: Tensor, labels: Tensor, *, unseen_classes: Seq
     labels = check_tensor(labels, "labels", op)
     num_classes = max([int(labels.max()) + 1 if labels.numel() else 0] + [int(c) + 1 for c in unseen_classes])
     unseen = check_index_list(unseen_classes, num_classes, "unseen_classes", op)
-    preds = _predictions(logits_or_preds, labels, op, unseen).cpu().long()
+    preds = _predictions(logits_or_preds, labels, op, unseen, restrict_argmax=True).cpu().long()
     labels = labels.cpu().long()
     _labels_in(labels, unseen, "unseen_classes", op)
     if labels.numel() == 0:
