@@ -31,8 +31,12 @@
 namespace pyzsl {
 namespace {
 
-constexpr int64_t kLabelBlock = 128;
+constexpr int64_t kMinLabelBlock = 16;
+constexpr int64_t kRowTile = 8192;
+// Distance between two labels' runs in the tile buffer: not a power of two, or the runs would share cache sets.
+constexpr int64_t kTileStride = kRowTile + 16;
 constexpr int64_t kMaxBins = 1 << 16;
+constexpr int64_t kBinsPerPositive = 2;
 constexpr int64_t kTopkChunk = 32;
 
 // Exact comparisons need a type that holds every score value: float for half/bfloat16/float, double for double.
@@ -101,14 +105,8 @@ PositivesByLabel<T> gather_positives(const scalar_t* scores, const int8_t* targe
 // One label's sorted positives, bins and bucket counts (thread-local storage, reused across labels).
 template <typename T>
 struct LabelBuckets {
-  // Per bin: (#positives in lower bins) << 2 | min(#positives in the bin, 3), and how many scores of bins without a
-  // positive landed there; side by side so the common case touches one cache line.
-  struct Bin {
-    int32_t entry;
-    int32_t landed;
-  };
-  std::vector<T> pos;        // ascending, followed by two +inf sentinels
-  std::vector<Bin> bins;
+  std::vector<T> pos;          // ascending, followed by two +inf sentinels
+  std::vector<int32_t> bins;   // per bin: (#positives in lower bins) << 2 | min(#positives in the bin, 3)
   std::vector<int32_t> count;  // count[m] = #other annotated entries with exactly m positives <= them
   int64_t P = 0;
   T lo = 0;
@@ -132,43 +130,34 @@ struct LabelBuckets {
     if (P == 0) return;
     lo = pos.front();
     const T hi = pos[P - 1];
-    const int64_t G = std::min<int64_t>(2 * P, kMaxBins);
+    const int64_t G = std::min<int64_t>(kBinsPerPositive * P, kMaxBins);
     last_bin = static_cast<T>(G - 1);
     scale = hi > lo ? static_cast<T>(G) / (hi - lo) : T(0);
     if (!std::isfinite(static_cast<double>(scale))) scale = 0;  // positives too close for the bin width: one bin
-    bins.assign(G, Bin{0, 0});
-    for (int64_t i = 0; i < P; ++i) ++bins[bin(pos[i])].landed;  // positives per bin, for now
+    bins.assign(G, 0);
+    for (int64_t i = 0; i < P; ++i) ++bins[bin(pos[i])];  // positives per bin, for now
     int32_t below = 0;
-    for (Bin& b : bins) {
-      const int32_t in_bin = b.landed;
-      b = Bin{(below << 2) | std::min(in_bin, 3), 0};
+    for (int32_t& entry : bins) {
+      const int32_t in_bin = entry;
+      entry = (below << 2) | std::min(in_bin, 3);
       below += in_bin;
     }
   }
 
   // Counts a non-positive annotated score: its bucket is how many positives are <= v. Positives of lower bins are
-  // < v and of higher bins > v (monotone bins), so a score in a bin without positives just counts for that bin;
-  // otherwise only the positives of its own bin are compared: the first two without branches, any further ones in a
-  // loop that the sentinels end.
+  // < v and of higher bins > v (monotone bins), so only the positives of v's own bin are compared: the first two
+  // without branches (a mispredicted branch here costs more than the two comparisons), any further ones (rare with
+  // several bins per positive) in a bounded loop.
   inline void add(T v) {
-    Bin& b = bins[bin(v)];
-    const int32_t in_bin = b.entry & 3;
-    if (in_bin == 0) {
-      ++b.landed;
-      return;
-    }
-    int32_t g = b.entry >> 2;
-    g += pos[g] <= v;
+    const int32_t entry = bins[bin(v)];
+    const int32_t in_bin = entry & 3;
+    int32_t g = entry >> 2;
+    g += (in_bin >= 1) & (pos[g] <= v);
     g += (in_bin >= 2) & (pos[g] <= v);
     if (in_bin == 3) {
       while (g < P && pos[g] <= v) ++g;  // bounded: the +inf sentinels do not stop a score of +inf
     }
     ++count[g];
-  }
-
-  // Folds the per-bin tallies into count[]; call once after the last add().
-  void finish() {
-    for (const Bin& b : bins) count[b.entry >> 2] += b.landed;
   }
 
   // (1/P) * sum over positives p of pos(>= p) / annotated(>= p), walking tie groups from the top.
@@ -197,12 +186,17 @@ void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_ma
   const auto positives = gather_positives<scalar_t>(scores, targets, row_mask, N, L);
   // Entries with target <= this value are "other annotated": -1 always, 0 when unannotated counts as negative.
   const int8_t max_negative = unannotated_is_negative ? 0 : -1;
-  // Blocks of kLabelBlock adjacent labels: a row's 128 entries are two contiguous runs (scores, targets) that
-  // the prefetcher streams, while the block's label structures (~25 bytes per positive) stay in L2/L3.
-  const int64_t width_per_block = kLabelBlock;
+  // Each thread takes a contiguous range of labels, so it reads every row as one contiguous run. Rows come in
+  // tiles: the tile's other annotated scores are first copied out label by label into a small thread-local buffer,
+  // then each label drops them into its buckets while its structures are hot in L1. (Walking the label structures
+  // row by row instead thrashes the cache; walking the score matrix column by column defeats the prefetcher.)
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t width_per_block = std::max<int64_t>(kMinLabelBlock, (L + threads - 1) / threads);
   const int64_t num_blocks = (L + width_per_block - 1) / width_per_block;
   at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
     std::vector<LabelBuckets<T>> buckets(width_per_block);
+    std::vector<T> tile(width_per_block * kTileStride);
+    std::vector<int32_t> tile_fill(width_per_block);
     for (int64_t block = block_begin; block < block_end; ++block) {
       const int64_t j0 = block * width_per_block;
       const int64_t width = std::min(width_per_block, L - j0);
@@ -210,17 +204,24 @@ void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_ma
         const int64_t first = positives.offsets[j0 + b], last = positives.offsets[j0 + b + 1];
         buckets[b].build(positives.values.data() + first, last - first);
       }
-      for (int64_t n = 0; n < N; ++n) {
-        if (row_mask != nullptr && !row_mask[n]) continue;
-        const scalar_t* s = scores + n * L + j0;
-        const int8_t* t = targets + n * L + j0;
+      for (int64_t n0 = 0; n0 < N; n0 += kRowTile) {
+        std::fill(tile_fill.begin(), tile_fill.begin() + width, 0);
+        for (int64_t n = n0; n < std::min(N, n0 + kRowTile); ++n) {
+          if (row_mask != nullptr && !row_mask[n]) continue;
+          const scalar_t* s = scores + n * L + j0;
+          const int8_t* t = targets + n * L + j0;
+          for (int64_t b = 0; b < width; ++b) {
+            if (t[b] <= max_negative) tile[b * kTileStride + tile_fill[b]++] = static_cast<T>(s[b]);
+          }
+        }
         for (int64_t b = 0; b < width; ++b) {
-          // Labels without a positive have P == 0 and AP 0; their entries are skipped.
-          if (t[b] <= max_negative && buckets[b].P > 0) buckets[b].add(static_cast<T>(s[b]));
+          LabelBuckets<T>& label = buckets[b];
+          if (label.P == 0) continue;  // AP 0: its scores need no counting
+          const T* values = tile.data() + b * kTileStride;
+          for (int32_t i = 0; i < tile_fill[b]; ++i) label.add(values[i]);
         }
       }
       for (int64_t b = 0; b < width; ++b) {
-        buckets[b].finish();
         ap[j0 + b] = buckets[b].average_precision();
         num_positives[j0 + b] = buckets[b].P;
       }
