@@ -282,9 +282,9 @@ void topk_kernel(const scalar_t* scores, const int8_t* targets, int64_t N, int64
       // Most chunks hold nothing above the k-th best: test a whole chunk with a vectorisable reduction first.
       for (; j + kTopkChunk <= L; j += kTopkChunk) {
         const T threshold = best[kept - 1];
-        bool any_above = false;
-        for (int64_t i = 0; i < kTopkChunk; ++i) any_above |= static_cast<T>(s[j + i]) > threshold;
-        if (any_above) {
+        int32_t above = 0;
+        for (int64_t i = 0; i < kTopkChunk; ++i) above += static_cast<T>(s[j + i]) > threshold;
+        if (above > 0) {
           for (int64_t i = 0; i < kTopkChunk; ++i) offer(j + i);
         }
       }
