@@ -5,11 +5,11 @@
 // "how many positives are <= its score", and suffix sums over the buckets give each positive its count:
 // O(N + P log P) work per label and no copy of the score matrix.
 //   1. A row-major scan of the targets gathers each label's positive scores (CSR over labels).
-//   2. Labels are processed in parallel blocks of kLabelBlock adjacent columns. Each label gets a table of
-//      G ~ 2P equal-width bins over [min positive, max positive]; a bin
-//      remembers how many positives fall in lower bins. The bin function is monotone, so a score's bucket is that
-//      count plus a comparison with the (usually zero or one) positives in its own bin: exact, and nearly
-//      branch-free.
+//   2. Each label gets a table of G ~ 2P equal-width bins over [min positive, max positive] that gives, per bin, how
+//      many positives lie in lower bins. The bin function is monotone, so a score's bucket is that count plus a
+//      comparison with the (usually zero, one or two) positives of its own bin: exact, and branch-free.
+//   3. Threads own contiguous label ranges and read the rows in tiles; a tile's scores are copied out per label into
+//      a small buffer so that each label's table stays in L1 while its scores are counted.
 //
 // multilabel_topk_hits keeps, per row, a sorted buffer of the k best (score, index) pairs in one pass, skipping
 // whole chunks of the row that cannot beat the current k-th best.
@@ -144,12 +144,18 @@ struct LabelBuckets {
     }
   }
 
-  // Counts a non-positive annotated score: its bucket is how many positives are <= v. Positives of lower bins are
+  // add() for a run of scores: the bins first, in a loop the compiler vectorises, then the dependent lookups.
+  void add_all(const T* values, int64_t n, int32_t* bin_of) {
+    for (int64_t i = 0; i < n; ++i) bin_of[i] = bin(values[i]);
+    for (int64_t i = 0; i < n; ++i) add_in_bin(values[i], bin_of[i]);
+  }
+
+  // Counts a non-positive annotated score v whose bin is b: its bucket is how many positives are <= v. Positives of lower bins are
   // < v and of higher bins > v (monotone bins), so only the positives of v's own bin are compared: the first two
   // without branches (a mispredicted branch here costs more than the two comparisons), any further ones (rare with
   // several bins per positive) in a bounded loop.
-  inline void add(T v) {
-    const int32_t entry = bins[bin(v)];
+  inline void add_in_bin(T v, int32_t b) {
+    const int32_t entry = bins[b];
     const int32_t in_bin = entry & 3;
     int32_t g = entry >> 2;
     g += (in_bin >= 1) & (pos[g] <= v);
@@ -197,6 +203,7 @@ void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_ma
     std::vector<LabelBuckets<T>> buckets(width_per_block);
     std::vector<T> tile(width_per_block * kTileStride);
     std::vector<int32_t> tile_fill(width_per_block);
+    std::vector<int32_t> bin_scratch(kRowTile);
     for (int64_t block = block_begin; block < block_end; ++block) {
       const int64_t j0 = block * width_per_block;
       const int64_t width = std::min(width_per_block, L - j0);
@@ -218,7 +225,7 @@ void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_ma
           LabelBuckets<T>& label = buckets[b];
           if (label.P == 0) continue;  // AP 0: its scores need no counting
           const T* values = tile.data() + b * kTileStride;
-          for (int32_t i = 0; i < tile_fill[b]; ++i) label.add(values[i]);
+          label.add_all(values, tile_fill[b], bin_scratch.data());
         }
       }
       for (int64_t b = 0; b < width; ++b) {
