@@ -297,6 +297,15 @@ def test_cpp_ops_dense_and_sparse_positives():
 
 
 @needs_cpp
+@pytest.mark.parametrize("shape", [(8192 * 2 + 3, 5), (300, 40000)])
+def test_cpp_ops_span_several_row_tiles(shape):
+    # The CPU AP kernel reads rows in tiles of 256 to 8192 rows (fewer when a thread owns many labels): cross them.
+    N, L = shape
+    scores, targets = make_inputs(N, L, seed=1, dtype=torch.float32, tied=True)
+    assert_ops_agree(scores, targets, ks=(3,))
+
+
+@needs_cpp
 @pytest.mark.parametrize("shape", [(0, 5), (5, 0), (0, 0)])
 def test_cpp_ops_empty(shape):
     scores, targets = torch.randn(shape), torch.ones(shape, dtype=torch.int8)

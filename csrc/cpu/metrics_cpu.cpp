@@ -32,9 +32,11 @@ namespace pyzsl {
 namespace {
 
 constexpr int64_t kMinLabelBlock = 16;
-constexpr int64_t kRowTile = 8192;
-// Distance between two labels' runs in the tile buffer: not a power of two, or the runs would share cache sets.
-constexpr int64_t kTileStride = kRowTile + 16;
+// Rows per tile: enough that reloading a label's table per tile is cheap, few enough that the tile buffer (about
+// kTileElements scores per thread) stays small.
+constexpr int64_t kMinRowTile = 256;
+constexpr int64_t kMaxRowTile = 8192;
+constexpr int64_t kTileElements = 1 << 22;
 constexpr int64_t kMaxBins = 1 << 16;
 constexpr int64_t kBinsPerPositive = 2;
 constexpr int64_t kTopkChunk = 32;
@@ -144,16 +146,17 @@ struct LabelBuckets {
     }
   }
 
-  // add() for a run of scores: the bins first, in a loop the compiler vectorises, then the dependent lookups.
+  // Counts a run of non-positive annotated scores: their bins first, in a loop the compiler vectorises, then the
+  // dependent lookups.
   void add_all(const T* values, int64_t n, int32_t* bin_of) {
     for (int64_t i = 0; i < n; ++i) bin_of[i] = bin(values[i]);
     for (int64_t i = 0; i < n; ++i) add_in_bin(values[i], bin_of[i]);
   }
 
-  // Counts a non-positive annotated score v whose bin is b: its bucket is how many positives are <= v. Positives of lower bins are
-  // < v and of higher bins > v (monotone bins), so only the positives of v's own bin are compared: the first two
-  // without branches (a mispredicted branch here costs more than the two comparisons), any further ones (rare with
-  // several bins per positive) in a bounded loop.
+  // Counts one score v of bin b: its bucket is how many positives are <= v. Positives of lower bins are < v and of
+  // higher bins > v (monotone bins), so only the positives of v's own bin are compared: the first two without
+  // branches (a mispredicted branch here costs more than the two comparisons), any further ones (rare with two bins
+  // per positive) in a bounded loop.
   inline void add_in_bin(T v, int32_t b) {
     const int32_t entry = bins[b];
     const int32_t in_bin = entry & 3;
@@ -201,9 +204,12 @@ void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_ma
   const int64_t num_blocks = (L + width_per_block - 1) / width_per_block;
   at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
     std::vector<LabelBuckets<T>> buckets(width_per_block);
-    std::vector<T> tile(width_per_block * kTileStride);
+    const int64_t row_tile = std::clamp<int64_t>(kTileElements / width_per_block, kMinRowTile, kMaxRowTile);
+    // Distance between two labels' runs in the buffer: not a power of two, or the runs would share cache sets.
+    const int64_t tile_stride = row_tile + 16;
+    std::vector<T> tile(width_per_block * tile_stride);
     std::vector<int32_t> tile_fill(width_per_block);
-    std::vector<int32_t> bin_scratch(kRowTile);
+    std::vector<int32_t> bin_scratch(row_tile);
     for (int64_t block = block_begin; block < block_end; ++block) {
       const int64_t j0 = block * width_per_block;
       const int64_t width = std::min(width_per_block, L - j0);
@@ -211,20 +217,20 @@ void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_ma
         const int64_t first = positives.offsets[j0 + b], last = positives.offsets[j0 + b + 1];
         buckets[b].build(positives.values.data() + first, last - first);
       }
-      for (int64_t n0 = 0; n0 < N; n0 += kRowTile) {
+      for (int64_t n0 = 0; n0 < N; n0 += row_tile) {
         std::fill(tile_fill.begin(), tile_fill.begin() + width, 0);
-        for (int64_t n = n0; n < std::min(N, n0 + kRowTile); ++n) {
+        for (int64_t n = n0; n < std::min(N, n0 + row_tile); ++n) {
           if (row_mask != nullptr && !row_mask[n]) continue;
           const scalar_t* s = scores + n * L + j0;
           const int8_t* t = targets + n * L + j0;
           for (int64_t b = 0; b < width; ++b) {
-            if (t[b] <= max_negative) tile[b * kTileStride + tile_fill[b]++] = static_cast<T>(s[b]);
+            if (t[b] <= max_negative) tile[b * tile_stride + tile_fill[b]++] = static_cast<T>(s[b]);
           }
         }
         for (int64_t b = 0; b < width; ++b) {
           LabelBuckets<T>& label = buckets[b];
           if (label.P == 0) continue;  // AP 0: its scores need no counting
-          const T* values = tile.data() + b * kTileStride;
+          const T* values = tile.data() + b * tile_stride;
           label.add_all(values, tile_fill[b], bin_scratch.data());
         }
       }
