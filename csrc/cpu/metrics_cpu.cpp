@@ -252,6 +252,8 @@ std::tuple<at::Tensor, at::Tensor> multilabel_ap_cpu(const at::Tensor& scores_in
   std::optional<at::Tensor> row_mask;
   if (row_mask_in.has_value()) row_mask = row_mask_in->contiguous();
   const int64_t N = scores.size(0), L = scores.size(1);
+  // Bucket counts are int32 and bin entries pack a positive count shifted by 2 bits.
+  TORCH_CHECK_VALUE(N < (int64_t{1} << 29), "multilabel_ap: at most 2^29 rows per call, got ", N);
   auto ap = at::zeros({L}, scores.options().dtype(at::kDouble));
   auto num_positives = at::zeros({L}, scores.options().dtype(at::kLong));
   if (N == 0 || L == 0) return {ap, num_positives};
