@@ -41,6 +41,10 @@ TORCH_LIBRARY(pyzsl, m) {
   // hits[i, r] = whether the r-th highest-scoring label of row i (ties: lower label index first) is positive;
   // row_positives[i] = number of positive labels of row i.
   m.def("multilabel_topk_hits(Tensor scores, Tensor targets, int k) -> (Tensor hits, Tensor row_positives)");
+  // LESA's ranking loss: mean over images of sum over (positive p, negative n) pairs of max(0, margin + s_n - s_p),
+  // divided by the image's number of violating pairs (+1e-8); unannotated (0) entries take no part.
+  m.def("lesa_rank_loss(Tensor scores, Tensor targets, float margin) -> Tensor");
+  m.def("_lesa_rank_loss_backward(Tensor grad, Tensor scores, Tensor targets, float margin) -> Tensor");
 }
 
 }  // namespace pyzsl

@@ -1,0 +1,21 @@
+"""Pure-PyTorch reference kernels of pyzsl.ops: the test oracles and the fallback."""
+import torch
+from torch import Tensor
+
+RANK_LOSS_EPS = 1e-8
+
+
+def lesa_rank_loss(scores: Tensor, targets: Tensor, margin: float = 1.0) -> Tensor:
+    """LESA's ranking loss in the published pairwise form (builds the [B, L, L] pair tensor).
+
+    ``loss = mean_i  sum_{p in P_i, n in N_i} max(0, margin + s_n - s_p) / (#violating pairs of i + 1e-8)``
+    with P_i the positives (target 1) and N_i the negatives (target -1) of image i; unannotated (0) entries take no
+    part. The violating-pair count is a constant for autograd, as in the published code.
+    """
+    positive = targets == 1
+    negative = targets == -1
+    difference = margin + scores[:, None, :] - scores[:, :, None]  # [B, p, n] = margin + s_n - s_p
+    pairs = positive[:, :, None] & negative[:, None, :]
+    hinge = torch.relu(difference) * pairs
+    violating = (hinge > 0).sum(dim=(1, 2)).to(scores.dtype)
+    return (hinge.sum(dim=(1, 2)) / (violating + RANK_LOSS_EPS)).mean()
