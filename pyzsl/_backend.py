@@ -8,7 +8,7 @@ and cpp for CPU tensors. ``PYZSL_BACKEND`` sets the default.
 import functools
 import os
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -84,22 +84,30 @@ def _warn_fallback(device_type: str, reason: str) -> None:
     warnings.warn(f"pyzsl: no compiled kernel for {device_type} tensors ({reason}); using the slow reference backend")
 
 
-def resolve_backend(backend: Optional[str], device: torch.device, op: str) -> str:
-    """Turns a ``backend=`` argument into a concrete backend for tensors on ``device``, or raises ValueError."""
+def resolve_backend(
+    backend: Optional[str], device: torch.device, op: str, implemented: Sequence[str] = BACKENDS[1:]
+) -> str:
+    """Turns a ``backend=`` argument into a concrete backend for tensors on ``device``, or raises ValueError.
+
+    ``implemented`` lists the backends that have a kernel for ``op``.
+    """
     backend = default_backend() if backend is None else backend
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        candidates = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
+        candidates = [b for b in (("cuda", "triton") if device.type == "cuda" else ("cpp",)) if b in implemented]
         for candidate in candidates:
             if _unavailable_reason(candidate, device) is None:
                 return candidate
-        _warn_fallback(device.type, _unavailable_reason(candidates[0], device))
+        reason = _unavailable_reason(candidates[0], device) if candidates else "no compiled kernel for this op"
+        _warn_fallback(device.type, reason)
         return "reference"
+    if backend not in implemented:
+        raise ValueError(f"{op}: has no {backend!r} kernel; its backends are {list(implemented)}")
     reason = _unavailable_reason(backend, device)
     if reason is not None:
+        available = [b for b in available_backends(device) if b in implemented]
         raise ValueError(
-            f"{op}: backend={backend!r} cannot run here: {reason}. "
-            f"Available for {device.type} tensors: {available_backends(device)}"
+            f"{op}: backend={backend!r} cannot run here: {reason}. Available for {device.type} tensors: {available}"
         )
     return backend

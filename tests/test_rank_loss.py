@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.library import opcheck
 
-from pyzsl._backend import cpp_built
+from pyzsl._backend import available_backends, cpp_built
 from pyzsl.ops import _reference, lesa_rank_loss
 
 needs_cpp = pytest.mark.skipif(not cpp_built(), reason="pyzsl._C did not build")
@@ -24,10 +24,10 @@ def make_inputs(B, L, *, seed, dtype=torch.float64, tied=False, p_unannotated=0.
     return scores, targets
 
 
-def assert_matches_reference(scores, targets, margin, *, rtol, atol):
+def assert_matches_reference(scores, targets, margin, *, rtol, atol, backend="cpp"):
     ours_in = scores.clone().requires_grad_(True)
     ref_in = scores.clone().requires_grad_(True)
-    ours = lesa_rank_loss(ours_in, targets, margin, backend="cpp")
+    ours = lesa_rank_loss(ours_in, targets, margin, backend=backend)
     ref = _reference.lesa_rank_loss(ref_in, targets, margin)
     torch.testing.assert_close(ours, ref, rtol=rtol, atol=atol)
     if scores.numel():
@@ -107,6 +107,38 @@ def test_opcheck(requires_grad):
 def test_fuzz_against_pairwise_form(B, L, seed, tied, margin):
     scores, targets = make_inputs(B, L, seed=seed, tied=tied)
     assert_matches_reference(scores, targets, margin, rtol=1e-12, atol=1e-12)
+
+
+needs_triton = pytest.mark.skipif("triton" not in available_backends("cpu"),
+                                  reason="triton is not installed or TRITON_INTERPRET is not set")
+
+
+@needs_triton
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("margin", [0.0, 1.0])
+def test_triton_matches_pairwise_form(margin, tied):
+    # Shapes cross the kernel's 32-label and 128-partner blocks.
+    for B, L in [(1, 1), (2, 5), (3, 37), (2, 150)]:
+        scores, targets = make_inputs(B, L, seed=B + L, tied=tied)
+        assert_matches_reference(scores, targets, margin, rtol=1e-12, atol=1e-12, backend="triton")
+    scores, targets = make_inputs(3, 40, seed=0, dtype=torch.float32)
+    assert_matches_reference(scores, targets, 1.0, rtol=1e-5, atol=1e-6, backend="triton")
+
+
+@needs_triton
+def test_triton_gradcheck_and_opcheck():
+    from pyzsl.ops._triton import lesa_rank_loss_triton
+
+    scores, targets = make_inputs(3, 9, seed=1)
+    scores.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda s: lesa_rank_loss_triton(s, targets, 1.0), (scores,))
+    opcheck(torch.ops.pyzsl.lesa_rank_loss_triton.default, (scores, targets, 1.0))
+
+
+def test_backend_without_a_kernel_is_named():
+    scores, targets = make_inputs(2, 5, seed=0)
+    with pytest.raises(ValueError, match="no 'cuda' kernel"):
+        lesa_rank_loss(scores, targets, backend="cuda")
 
 
 def test_bad_input_is_rejected():

@@ -17,8 +17,8 @@ def lesa_rank_loss(scores: Tensor, targets: Tensor, margin: float = 1.0, *, back
         scores: [B, L] label scores (float16/bfloat16 are computed in float32).
         targets: [B, L] integer, 1 = positive, -1 = negative, 0 = unannotated (ignored).
         margin: the hinge margin (LESA: 1.0).
-        backend: ``"auto"``, ``"reference"`` (the published pairwise form, B x L x L memory) or ``"cpp"``
-            (sort + prefix sums, O(B L) memory).
+        backend: ``"auto"``, ``"reference"`` (the published pairwise form, B x L x L memory), ``"cpp"``
+            (sort + prefix sums, O(B L) memory) or ``"triton"`` (tiled pair counts, O(B L) memory).
 
     Differentiable in ``scores``; the violating-pair count is treated as a constant, as in the published code.
     """
@@ -36,11 +36,12 @@ def lesa_rank_loss(scores: Tensor, targets: Tensor, margin: float = 1.0, *, back
     if scores.dtype in (torch.float16, torch.bfloat16):
         scores = scores.float()
     targets = targets if targets.dtype == torch.int8 else targets.to(torch.int8)
-    backend = resolve_backend(backend, scores.device, op)
+    backend = resolve_backend(backend, scores.device, op, implemented=("reference", "cpp", "triton"))
     if backend == "reference":
         return _reference.lesa_rank_loss(scores, targets, float(margin))
-    if backend != "cpp":
-        raise ValueError(f"{op}: backend={backend!r} has no kernel for this op yet; use 'cpp' or 'reference'")
+    if backend == "triton":
+        from ._triton import lesa_rank_loss_triton
+        return lesa_rank_loss_triton(scores, targets, float(margin))
     return torch.ops.pyzsl.lesa_rank_loss(scores, targets, float(margin))
 
 
