@@ -45,6 +45,12 @@ TORCH_LIBRARY(pyzsl, m) {
   // divided by the image's number of violating pairs (+1e-8); unannotated (0) entries take no part.
   m.def("lesa_rank_loss(Tensor scores, Tensor targets, float margin) -> Tensor");
   m.def("_lesa_rank_loss_backward(Tensor grad, Tensor scores, Tensor targets, float margin) -> Tensor");
+  // LESA's label scores from shared attention heads: scores[b, l] = max_m attended[b, m] . classifiers[l], with the
+  // arg-max head kept for the backward; [B, M, L] is never formed for the whole label set.
+  m.def("head_max_scores(Tensor attended, Tensor classifiers) -> (Tensor scores, Tensor head)");
+  m.def(
+      "_head_max_scores_backward(Tensor grad_scores, Tensor head, Tensor attended, Tensor classifiers) "
+      "-> (Tensor grad_attended, Tensor grad_classifiers)");
 }
 
 }  // namespace pyzsl

@@ -1,4 +1,5 @@
-"""Differentiable kernels on the training hot paths (reference + C++ CPU)."""
+"""Differentiable kernels on the training hot paths."""
+from .attention import SharedAttention, head_max_scores, shared_multi_attention
 from .rank_loss import lesa_rank_loss
 
-__all__ = ["lesa_rank_loss"]
+__all__ = ["SharedAttention", "head_max_scores", "lesa_rank_loss", "shared_multi_attention"]

@@ -19,3 +19,10 @@ def lesa_rank_loss(scores: Tensor, targets: Tensor, margin: float = 1.0) -> Tens
     hinge = torch.relu(difference) * pairs
     violating = (hinge > 0).sum(dim=(1, 2)).to(scores.dtype)
     return (hinge.sum(dim=(1, 2)) / (violating + RANK_LOSS_EPS)).mean()
+
+
+def head_max_scores(attended: Tensor, classifiers: Tensor):
+    """``scores[b, l] = max_m attended[b, m] . classifiers[l]`` and the arg-max head, through the full [B, M, L]."""
+    all_heads = torch.einsum("bmd,ld->bml", attended, classifiers)
+    scores, head = all_heads.max(dim=1)
+    return scores, head
