@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from pyzsl._backend import cpp_built
+from pyzsl._backend import available_backends, cpp_built
 from pyzsl.ops import _reference, head_max_scores, shared_multi_attention
 
 needs_cpp = pytest.mark.skipif(not cpp_built(), reason="pyzsl._C did not build")
@@ -92,6 +92,39 @@ def test_shared_multi_attention_matches_reference_and_formula(dtype):
     torch.testing.assert_close(ours.attended[..., D].detach(), torch.ones(B, M, dtype=dtype), **tol)
 
 
+needs_triton = pytest.mark.skipif("triton" not in available_backends("cpu"),
+                                  reason="triton is not installed or TRITON_INTERPRET is not set")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_head_max_triton_matches_reference(dtype):
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for B, M, D, L in [(1, 1, 1, 1), (3, 10, 7, 13), (2, 4, 40, 70), (0, 3, 4, 5), (2, 3, 4, 0)]:
+        attended = randn(B, M, D, seed=B + L, dtype=dtype).requires_grad_(True)
+        classifiers = randn(L, D, seed=D, dtype=dtype).requires_grad_(True)
+        scores, head = head_max_scores(attended, classifiers, backend="triton")
+        ref_scores, ref_head = _reference.head_max_scores(attended, classifiers)
+        torch.testing.assert_close(scores, ref_scores, **tol)
+        assert torch.equal(head, ref_head)
+        if scores.numel():
+            for ours, ref in zip(grads(scores, (attended, classifiers), 0), grads(ref_scores, (attended, classifiers), 0)):
+                torch.testing.assert_close(ours, ref, **tol)
+
+
+@needs_triton
+def test_head_max_triton_ties_gradcheck_opcheck():
+    from pyzsl.ops._triton import head_max_scores_triton
+
+    tied = randn(2, 1, 6, seed=0).repeat(1, 4, 1)
+    _, head = head_max_scores(tied, randn(5, 6, seed=1), backend="triton")
+    assert torch.equal(head, torch.zeros_like(head))
+    attended = randn(2, 3, 5, seed=4).requires_grad_(True)
+    classifiers = randn(9, 5, seed=5).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, c: head_max_scores_triton(a, c)[0], (attended, classifiers))
+    opcheck(torch.ops.pyzsl.head_max_scores_triton.default, (attended, classifiers))
+
+
 def test_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match="same D"):
         head_max_scores(randn(2, 3, 4, seed=0), randn(5, 6, seed=0))
@@ -101,5 +134,5 @@ def test_bad_shapes_are_rejected():
         head_max_scores(randn(2, 3, 4, seed=0), randn(5, 4, seed=0, dtype=torch.float32))
     with pytest.raises(ValueError, match="w1"):
         shared_multi_attention(randn(2, 7, 4, seed=0), randn(4, 3, seed=0), randn(4, 2, seed=0), randn(5, 4, seed=0))
-    with pytest.raises(ValueError, match="no 'triton' kernel"):
-        head_max_scores(randn(2, 3, 4, seed=0), randn(5, 4, seed=0), backend="triton")
+    with pytest.raises(ValueError, match="no 'cuda' kernel"):
+        head_max_scores(randn(2, 3, 4, seed=0), randn(5, 4, seed=0), backend="cuda")

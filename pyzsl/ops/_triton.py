@@ -1,4 +1,6 @@
-"""Triton kernel of LESA's rank loss (``pyzsl::lesa_rank_loss_triton``), same contract as the C++ op.
+"""Triton kernels of pyzsl.ops: LESA's rank loss and the max over attention heads, same contracts as the C++ ops.
+
+Rank loss (``pyzsl::lesa_rank_loss_triton``):
 
 One program per (image, block of labels). For each label j of its block it sweeps the image's labels in tiles and
 counts, without any pair tensor:
@@ -7,6 +9,10 @@ counts, without any pair tensor:
 The host adds the per-label partial sums in a fixed order (deterministic). The signed counts are the gradient up to
 the factor grad / (B * (violating pairs of the image + 1e-8)), so the backward is one elementwise product.
 O(L^2) comparisons per image, which suits a GPU; the C++ kernel is the O(L log L) one.
+
+Head max (``pyzsl::head_max_scores_triton``): one program per (image, block of labels) accumulates the [M, block]
+head scores over chunks of D and keeps only the max over heads and its (lowest) arg-max; [B, M, L] never exists. The
+backward routes each gradient to its arg-max head with library GEMMs, label block by label block.
 """
 from typing import Tuple
 
@@ -14,6 +20,8 @@ import torch
 from torch import Tensor
 
 from ..metrics._triton import TRITON_AVAILABLE, _define_op, _launches_kernels
+from .attention import head_max_autograd
+from .rank_loss import rank_loss_autograd
 
 if TRITON_AVAILABLE:
     import triton
@@ -22,6 +30,9 @@ if TRITON_AVAILABLE:
 _BLOCK_LABELS = 32
 _BLOCK_PARTNERS = 128
 _EPS = 1e-8
+_HEAD_BLOCK_LABELS = 32
+_HEAD_BLOCK_FEATURES = 32
+_HEAD_MAX_LABEL_BLOCK = 512  # labels per GEMM in the backward
 
 if TRITON_AVAILABLE:
 
@@ -59,6 +70,36 @@ if TRITON_AVAILABLE:
         tl.store(hinge_ptr + row + labels, hinge, mask=in_range)
 
 
+    @triton.jit
+    def _head_max_kernel(
+        attended_ptr, classifiers_ptr, scores_ptr, head_ptr, M, D, L, num_label_blocks,
+        BLOCK_HEADS: tl.constexpr, BLOCK_LABELS: tl.constexpr, BLOCK_FEATURES: tl.constexpr,
+    ):
+        image = tl.program_id(0) // num_label_blocks
+        block = tl.program_id(0) % num_label_blocks
+        heads = tl.arange(0, BLOCK_HEADS)
+        labels = block * BLOCK_LABELS + tl.arange(0, BLOCK_LABELS)
+        head_in = heads < M
+        label_in = labels < L
+        f_base = attended_ptr + image.to(tl.int64) * M * D
+        acc = tl.zeros([BLOCK_HEADS, BLOCK_LABELS], dtype=attended_ptr.dtype.element_ty)
+        for start in range(0, D, BLOCK_FEATURES):
+            features = start + tl.arange(0, BLOCK_FEATURES)
+            feature_in = features < D
+            f = tl.load(f_base + heads[:, None] * D + features[None, :],
+                        mask=head_in[:, None] & feature_in[None, :], other=0)
+            c = tl.load(classifiers_ptr + labels[:, None].to(tl.int64) * D + features[None, :],
+                        mask=label_in[:, None] & feature_in[None, :], other=0)
+            acc += tl.sum(f[:, None, :] * c[None, :, :], axis=2)
+        acc = tl.where(head_in[:, None], acc, float("-inf"))
+        best = tl.max(acc, axis=0)
+        # the lowest head holding the max, as torch.max picks
+        best_head = tl.min(tl.where(acc == best[None, :], heads[:, None], BLOCK_HEADS), axis=0)
+        out = image.to(tl.int64) * L + labels
+        tl.store(scores_ptr + out, best, mask=label_in)
+        tl.store(head_ptr + out, best_head.to(tl.int64), mask=label_in)
+
+
 def _rank_loss_counts(scores: Tensor, targets: Tensor, margin: float) -> Tuple[Tensor, Tensor, Tensor]:
     """(loss per image [B] float64, signed counts [B, L] int32, violating pairs per image [B] float64)."""
     B, L = scores.shape
@@ -87,18 +128,48 @@ def lesa_rank_loss_triton_backward(grad: Tensor, scores: Tensor, targets: Tensor
     return (signed_count.double() * weight[:, None]).to(scores.dtype)
 
 
+def head_max_scores_triton(attended: Tensor, classifiers: Tensor) -> Tuple[Tensor, Tensor]:
+    """scores[b, l] = max_m attended[b, m] . classifiers[l] and the arg-max head; see ``pyzsl.ops.head_max_scores``."""
+    attended, classifiers = attended.contiguous(), classifiers.contiguous()
+    (B, M, D), L = attended.shape, classifiers.shape[0]
+    scores = attended.new_empty(B, L)
+    head = attended.new_empty(B, L, dtype=torch.int64)
+    if B and L and _launches_kernels(attended):
+        num_label_blocks = triton.cdiv(L, _HEAD_BLOCK_LABELS)
+        torch.library.wrap_triton(_head_max_kernel)[(B * num_label_blocks,)](
+            attended, classifiers, scores, head, M, D, L, num_label_blocks,
+            BLOCK_HEADS=triton.next_power_of_2(M), BLOCK_LABELS=_HEAD_BLOCK_LABELS,
+            BLOCK_FEATURES=min(_HEAD_BLOCK_FEATURES, triton.next_power_of_2(max(D, 1))),
+        )
+    return scores, head
+
+
+def head_max_scores_triton_backward(
+    grad_scores: Tensor, head: Tensor, attended: Tensor, classifiers: Tensor
+) -> Tuple[Tensor, Tensor]:
+    (B, M, D), L = attended.shape, classifiers.shape[0]
+    rows = attended.reshape(B * M, D)
+    grad_attended = torch.zeros_like(rows)
+    grad_classifiers = torch.empty_like(classifiers)
+    for l0 in range(0, L, _HEAD_MAX_LABEL_BLOCK):
+        width = min(_HEAD_MAX_LABEL_BLOCK, L - l0)
+        routed = attended.new_zeros(B, M, width)
+        routed.scatter_(1, head[:, None, l0 : l0 + width], grad_scores[:, None, l0 : l0 + width])
+        routed = routed.reshape(B * M, width)
+        grad_attended += routed @ classifiers[l0 : l0 + width]
+        grad_classifiers[l0 : l0 + width] = routed.T @ rows
+    return grad_attended.reshape(B, M, D), grad_classifiers
+
+
 if TRITON_AVAILABLE:
+    head_max_scores_triton = _define_op("pyzsl::head_max_scores_triton", head_max_scores_triton)
+    head_max_scores_triton_backward = _define_op("pyzsl::_head_max_scores_triton_backward",
+                                                 head_max_scores_triton_backward)
+    _backward, _setup_context = head_max_autograd(head_max_scores_triton_backward)
+    head_max_scores_triton.register_autograd(_backward, setup_context=_setup_context)
+
     lesa_rank_loss_triton = _define_op("pyzsl::lesa_rank_loss_triton", lesa_rank_loss_triton)
     lesa_rank_loss_triton_backward = _define_op("pyzsl::_lesa_rank_loss_triton_backward",
                                                 lesa_rank_loss_triton_backward)
-
-    def _setup_context(ctx, inputs, output):
-        scores, targets, margin = inputs
-        ctx.save_for_backward(scores, targets)
-        ctx.margin = margin
-
-    def _backward(ctx, grad):
-        scores, targets = ctx.saved_tensors
-        return lesa_rank_loss_triton_backward(grad, scores, targets, ctx.margin), None, None
-
+    _backward, _setup_context = rank_loss_autograd(lesa_rank_loss_triton_backward)
     lesa_rank_loss_triton.register_autograd(_backward, setup_context=_setup_context)

@@ -9,7 +9,7 @@ from .._backend import cpp_built, resolve_backend
 from .._checks import check_tensor
 from . import _reference
 
-_IMPLEMENTED = ("reference", "cpp")
+_IMPLEMENTED = ("reference", "cpp", "triton")
 
 
 class SharedAttention(NamedTuple):
@@ -23,7 +23,8 @@ def head_max_scores(attended: Tensor, classifiers: Tensor, *, backend: Optional[
     """``scores[b, l] = max_m attended[b, m] . classifiers[l]`` and the arg-max head (ties: the lowest index).
 
     attended [B, M, D], classifiers [L, D], same floating dtype. Differentiable in both; the gradient of a score goes
-    to its arg-max head only. The cpp backend works in label blocks: memory O(B L + B M block), not O(B M L).
+    to its arg-max head only. The cpp and triton backends work in label blocks: memory O(B L + B M block), not
+    O(B M L).
     """
     op = "head_max_scores"
     check_tensor(attended, "attended", op)
@@ -41,6 +42,9 @@ def head_max_scores(attended: Tensor, classifiers: Tensor, *, backend: Optional[
     backend = resolve_backend(backend, attended.device, op, implemented=_IMPLEMENTED)
     if backend == "reference":
         return _reference.head_max_scores(attended, classifiers)
+    if backend == "triton":
+        from ._triton import head_max_scores_triton
+        return head_max_scores_triton(attended, classifiers)
     return torch.ops.pyzsl.head_max_scores(attended.contiguous(), classifiers.contiguous())
 
 
@@ -76,6 +80,21 @@ def shared_multi_attention(
     return SharedAttention(scores, head, attended, attention_logits)
 
 
+def head_max_autograd(backward_op):
+    """(backward, setup_context) for a head-max op whose backward op takes (grad, head, attended, classifiers)."""
+
+    def setup_context(ctx, inputs, output):
+        attended, classifiers = inputs
+        ctx.save_for_backward(attended, classifiers, output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(ctx, grad_scores, grad_head):
+        attended, classifiers, head = ctx.saved_tensors
+        return tuple(backward_op(grad_scores.contiguous(), head, attended, classifiers))
+
+    return backward, setup_context
+
+
 if cpp_built():
 
     @torch.library.register_fake("pyzsl::head_max_scores")
@@ -87,13 +106,5 @@ if cpp_built():
     def _head_max_scores_backward_fake(grad_scores, head, attended, classifiers):
         return torch.empty_like(attended), torch.empty_like(classifiers)
 
-    def _setup_context(ctx, inputs, output):
-        attended, classifiers = inputs
-        ctx.save_for_backward(attended, classifiers, output[1])
-        ctx.mark_non_differentiable(output[1])
-
-    def _backward(ctx, grad_scores, grad_head):
-        attended, classifiers, head = ctx.saved_tensors
-        return tuple(torch.ops.pyzsl._head_max_scores_backward(grad_scores.contiguous(), head, attended, classifiers))
-
+    _backward, _setup_context = head_max_autograd(torch.ops.pyzsl._head_max_scores_backward)
     torch.library.register_autograd("pyzsl::head_max_scores", _backward, setup_context=_setup_context)

@@ -45,6 +45,21 @@ def lesa_rank_loss(scores: Tensor, targets: Tensor, margin: float = 1.0, *, back
     return torch.ops.pyzsl.lesa_rank_loss(scores, targets, float(margin))
 
 
+def rank_loss_autograd(backward_op):
+    """(backward, setup_context) for a rank-loss op whose backward op takes (grad, scores, targets, margin)."""
+
+    def setup_context(ctx, inputs, output):
+        scores, targets, margin = inputs
+        ctx.save_for_backward(scores, targets)
+        ctx.margin = margin
+
+    def backward(ctx, grad):
+        scores, targets = ctx.saved_tensors
+        return backward_op(grad, scores, targets, ctx.margin), None, None
+
+    return backward, setup_context
+
+
 if cpp_built():
 
     @torch.library.register_fake("pyzsl::lesa_rank_loss")
@@ -55,14 +70,5 @@ if cpp_built():
     def _lesa_rank_loss_backward_fake(grad, scores, targets, margin):
         return torch.empty_like(scores)
 
-    def _setup_context(ctx, inputs, output):
-        scores, targets, margin = inputs
-        ctx.save_for_backward(scores, targets)
-        ctx.margin = margin
-
-    def _backward(ctx, grad):
-        scores, targets = ctx.saved_tensors
-        grad_scores = torch.ops.pyzsl._lesa_rank_loss_backward(grad, scores, targets, ctx.margin)
-        return grad_scores, None, None
-
+    _backward, _setup_context = rank_loss_autograd(torch.ops.pyzsl._lesa_rank_loss_backward)
     torch.library.register_autograd("pyzsl::lesa_rank_loss", _backward, setup_context=_setup_context)
