@@ -25,6 +25,8 @@ from pyzsl.metrics import (PROTOCOLS, gzsl_accuracy, multilabel_average_precisio
                            multilabel_topk, zsl_accuracy)
 from pyzsl.metrics import _reference
 
+from _inputs import make_inputs
+
 BACKENDS = ["reference", "cpp"]
 PROTOCOL_NAMES = ["lesa", "sdl", "biam"]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -36,19 +38,6 @@ needs_triton = pytest.mark.skipif("triton" not in available_backends("cpu"),
 
 
 # ----------------------------------------------------------------------------------------------------------- inputs
-
-def make_inputs(N, L, *, seed, dtype=torch.float64, tied=True, p_unannotated=0.3, p_positive=0.25):
-    """Scores [N, L] (small integers when ``tied``: ties everywhere) and int8 targets in {1, 0, -1}."""
-    g = torch.Generator().manual_seed(seed)
-    if tied:
-        scores = torch.randint(0, 5, (N, L), generator=g).to(dtype)
-    else:
-        scores = torch.randn(N, L, generator=g, dtype=torch.float64).to(dtype)
-    u = torch.rand(N, L, generator=g)
-    targets = torch.full((N, L), -1, dtype=torch.int8)
-    targets[u < p_positive] = 1
-    targets[(u >= p_positive) & (u < p_positive + p_unannotated)] = 0
-    return scores, targets
 
 
 def add_awkward_columns_and_rows(targets):

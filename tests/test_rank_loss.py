@@ -8,20 +8,14 @@ from torch.library import opcheck
 from pyzsl._backend import available_backends, cpp_built
 from pyzsl.ops import _reference, lesa_rank_loss
 
+from _inputs import make_inputs as shared_make_inputs
+
 needs_cpp = pytest.mark.skipif(not cpp_built(), reason="pyzsl._C did not build")
 
 
-def make_inputs(B, L, *, seed, dtype=torch.float64, tied=False, p_unannotated=0.2, p_positive=0.3):
-    g = torch.Generator().manual_seed(seed)
-    if tied:  # small integers with margin 1: many pairs sit exactly on the hinge's kink
-        scores = torch.randint(0, 4, (B, L), generator=g).to(dtype)
-    else:
-        scores = torch.randn(B, L, generator=g, dtype=torch.float64).to(dtype)
-    u = torch.rand(B, L, generator=g)
-    targets = torch.full((B, L), -1, dtype=torch.int8)
-    targets[u < p_positive] = 1
-    targets[(u >= p_positive) & (u < p_positive + p_unannotated)] = 0
-    return scores, targets
+def make_inputs(B, L, *, seed, dtype=torch.float64, tied=False):
+    # tied: small integers with margin 1, so many pairs sit exactly on the hinge's kink
+    return shared_make_inputs(B, L, seed=seed, dtype=dtype, tied=tied, p_unannotated=0.2, p_positive=0.3, levels=4)
 
 
 def assert_matches_reference(scores, targets, margin, *, rtol, atol, backend="cpp"):

@@ -5,9 +5,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._backend import BACKENDS
+from .._backend import BACKENDS, resolve_backend
 from .._checks import check_index_list, check_positive_int, check_tensor
-from .functional import PROTOCOLS, _check_multilabel, multilabel_evaluation
+from .functional import PROTOCOLS, _check_multilabel, _evaluate
 
 
 def _all_gather_rows(x: Tensor, group) -> Tensor:
@@ -105,6 +105,8 @@ class MultilabelZSLEvaluator:
             whole = columns.numel() == self.num_labels  # all columns in order: evaluate without a copy
             s = scores if whole else scores[:, columns.to(scores.device)]
             t = targets if whole else targets[:, columns.to(targets.device)]
-            metrics = multilabel_evaluation(s, t, ks=self.ks, protocol=self.protocol, backend=self.backend)
+            # update() validated every batch: evaluate without scanning the scores again
+            metrics = _evaluate(s, t, self.ks, PROTOCOLS[self.protocol],
+                                resolve_backend(self.backend, s.device, "MultilabelZSLEvaluator.compute"))
             results.update({f"{name}/{key}": value for key, value in metrics.items()})
         return results

@@ -83,22 +83,14 @@ def _check_multilabel(scores, targets, op: str) -> Tuple[Tensor, Tensor]:
     return scores.detach(), targets if targets.dtype == torch.int8 else targets.to(torch.int8)
 
 
-def _ap_kernel(backend: str):
+def _kernels(backend: str):
+    """(AP kernel, top-K kernel) of a resolved backend; cpp and cuda share the dispatcher's ops."""
     if backend == "reference":
-        return _reference.multilabel_ap
+        return _reference.multilabel_ap, _reference.multilabel_topk_hits
     if backend == "triton":
         from . import _triton
-        return _triton.multilabel_ap_triton
-    return torch.ops.pyzsl.multilabel_ap  # cpp and cuda: the dispatcher picks the device kernel
-
-
-def _topk_kernel(backend: str):
-    if backend == "reference":
-        return _reference.multilabel_topk_hits
-    if backend == "triton":
-        from . import _triton
-        return _triton.multilabel_topk_hits_triton
-    return torch.ops.pyzsl.multilabel_topk_hits
+        return _triton.multilabel_ap_triton, _triton.multilabel_topk_hits_triton
+    return torch.ops.pyzsl.multilabel_ap, torch.ops.pyzsl.multilabel_topk_hits
 
 
 def _images_with_positive(targets: Tensor) -> Tensor:
@@ -109,7 +101,7 @@ def _label_ap(scores, targets, proto: Protocol, backend: str, row_mask: Optional
     """Per-label AP under ``proto``; NaN marks a label left out of the mean."""
     if row_mask is not None and bool(row_mask.all()):
         row_mask = None  # every image kept: spare the kernel the mask
-    ap, num_positives = _ap_kernel(backend)(scores, targets, row_mask, proto.unannotated_is_negative)
+    ap, num_positives = _kernels(backend)[0](scores, targets, row_mask, proto.unannotated_is_negative)
     if proto.labels_without_positive_excluded:
         ap = ap.masked_fill(num_positives == 0, float("nan"))
     return ap
@@ -167,7 +159,7 @@ def multilabel_topk(
     k = check_positive_int(k, "k", op)
     scores, targets = _check_multilabel(scores, targets, op)
     backend = resolve_backend(backend, scores.device, op)
-    hits, row_positives = _topk_kernel(backend)(scores, targets, k)
+    hits, row_positives = _kernels(backend)[1](scores, targets, k)
     keep = row_positives > 0 if proto.drop_images_without_positive else None
     return _topk_from_hits(hits, row_positives, k, keep)
 
@@ -185,11 +177,15 @@ def multilabel_evaluation(
     proto = _protocol(protocol, op)
     ks = [check_positive_int(k, "ks", op) for k in ks]
     scores, targets = _check_multilabel(scores, targets, op)
-    backend = resolve_backend(backend, scores.device, op)
+    return _evaluate(scores, targets, ks, proto, resolve_backend(backend, scores.device, op))
+
+
+def _evaluate(scores: Tensor, targets: Tensor, ks: Sequence[int], proto: Protocol, backend: str) -> Dict[str, float]:
+    """multilabel_evaluation on inputs already validated (int8 targets) and a resolved backend."""
     results: Dict[str, float] = {}
     row_positives = None
     if ks:
-        hits, row_positives = _topk_kernel(backend)(scores, targets, max(ks))
+        hits, row_positives = _kernels(backend)[1](scores, targets, max(ks))
         keep = row_positives > 0 if proto.drop_images_without_positive else None
         for k in ks:
             topk = _topk_from_hits(hits, row_positives, k, keep)
@@ -197,8 +193,7 @@ def multilabel_evaluation(
     row_mask = None
     if proto.drop_images_without_positive:
         row_mask = row_positives > 0 if row_positives is not None else _images_with_positive(targets)
-    results = {"mAP": float(_mean_ap(_label_ap(scores, targets, proto, backend, row_mask), proto)), **results}
-    return results
+    return {"mAP": float(_mean_ap(_label_ap(scores, targets, proto, backend, row_mask), proto)), **results}
 
 
 def _predictions(
@@ -292,14 +287,3 @@ def zsl_accuracy(logits_or_preds: Tensor, labels: Tensor, *, unseen_classes: Seq
         return torch.tensor(float("nan"), dtype=torch.float64)
     return _class_mean_accuracy(preds, labels, unseen)
 
-
-__all__ = [
-    "PROTOCOLS",
-    "GZSLAccuracy",
-    "TopK",
-    "gzsl_accuracy",
-    "multilabel_average_precision",
-    "multilabel_evaluation",
-    "multilabel_topk",
-    "zsl_accuracy",
-]
