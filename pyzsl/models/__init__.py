@@ -1,0 +1,1 @@
+"""Models: :mod:`pyzsl.models.lesa` (shared multi-attention) and :mod:`pyzsl.models.tfvaegan` (TF-VAEGAN, f-CLSWGAN)."""
