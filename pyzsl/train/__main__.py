@@ -18,18 +18,21 @@ DESCRIPTIONS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(method=None) -> argparse.ArgumentParser:
+    """The CLI; only ``method``'s module is imported (the others' options are not needed to parse its flags)."""
     parser = argparse.ArgumentParser(prog="python -m pyzsl.train", description=__doc__)
     methods = parser.add_subparsers(dest="method", required=True, metavar="METHOD")
     for name, module_name in METHODS.items():
         sub = methods.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name])
-        add_common_arguments(sub)
-        importlib.import_module(module_name).add_arguments(sub, name)
+        if name == method:
+            add_common_arguments(sub)
+            importlib.import_module(module_name).add_arguments(sub, name)
     return parser
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         return importlib.import_module(METHODS[args.method]).main(args, args.method)
     finally:
