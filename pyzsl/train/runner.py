@@ -2,12 +2,13 @@
 checkpoints and exact resume, seeding, progress bars, model selection and torch.distributed set-up.
 
 A run folder holds ``config.yaml`` (the resolved configuration), ``log.csv`` (one row per epoch), ``last.pt`` (the
-newest checkpoint) and ``best.pt`` (the selected model). Checkpoints are written to a temporary file and renamed, so a
+newest checkpoint) and ``best.pt`` (the selected model) and, at the end, ``results.json``. Checkpoints are written to a temporary file and renamed, so a
 kill during a save leaves the previous checkpoint intact.
 """
 import argparse
 import csv
 import datetime
+import json
 import os
 import random
 from pathlib import Path
@@ -167,6 +168,13 @@ class Run:
             writer.writeheader()
             writer.writerows(kept)
         os.replace(tmp, self.log_path)
+
+    def save_results(self, results: Dict[str, Any]) -> None:
+        """The final metrics as ``results.json``."""
+        if self.is_main:
+            tmp = self.dir / ".results.json.tmp"
+            tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
+            os.replace(tmp, self.dir / "results.json")
 
     def save_checkpoint(self, state: Dict[str, Any], best: bool = False) -> None:
         """Atomically write ``last.pt`` (and ``best.pt`` when ``best``)."""
