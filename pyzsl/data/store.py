@@ -18,6 +18,7 @@ workers, and :func:`write_store` writes small in-memory data in one call.
 """
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -129,6 +130,7 @@ class FeatureStoreWriter:
                  dtype: torch.dtype = torch.float16, layout: Optional[str] = None, attrs: Optional[dict] = None,
                  resume: bool = False):
         where = "FeatureStoreWriter"
+        self._file: Optional[h5py.File] = None
         self.path = Path(path)
         if isinstance(num_rows, bool) or not isinstance(num_rows, (int, np.integer)) or num_rows < 1:
             raise ValueError(f"{where}: num_rows must be an int >= 1, got {num_rows!r}")
@@ -395,11 +397,15 @@ class FeatureStore(torch.utils.data.Dataset):
                 raise ValueError(f"{where}: labels must take values in {{1, 0, -1}}, found {v} at row {start + r}, "
                                  f"column {c}")
 
-    def _select_rows(self, rows) -> Optional[np.ndarray]:
+    def _select_rows(self, rows) -> Union[None, range, np.ndarray]:
         if rows is None:
             return None
         if isinstance(rows, slice):
             rows = range(*rows.indices(self.num_rows))
+        if isinstance(rows, range):  # kept as a range: a split of millions of rows pickles into workers for free
+            if len(rows) and (min(rows[0], rows[-1]) < 0 or max(rows[0], rows[-1]) >= self.num_rows):
+                raise ValueError(f"FeatureStore({self.path}): rows must lie in [0, {self.num_rows}), got {rows}")
+            return rows
         idx = np.asarray(rows.cpu() if isinstance(rows, Tensor) else rows)
         if idx.size == 0:
             idx = idx.astype(np.int64)
@@ -431,6 +437,13 @@ class FeatureStore(torch.utils.data.Dataset):
                 raise ValueError(f"{where}: label_columns must lie in [0, {L}), got {cols}")
             return np.array(cols, dtype=np.int64)
         raise TypeError(f"{where}: label_columns must be all label names (str) or all column indices (int)")
+
+    def with_rows(self, rows) -> "FeatureStore":
+        """The same file and label columns over other file rows (a split), without validating the file again."""
+        other = copy.copy(self)
+        other._file, other._pid = None, None
+        other.rows = other._select_rows(rows)
+        return other
 
     def _handle(self) -> h5py.File:
         # A handle opened before a fork must not be shared with the child, so reopen when the process changes.
