@@ -81,7 +81,7 @@ class MultilabelZSLData:
             if vecs.numel() and not torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
                 i = int((norms - 1).abs().argmax())
                 raise ValueError(f"{where}: {split}_vectors rows must be L2-normalised, row {i} ({names[i]!r}) has "
-                                 f"norm {float(norms[i])}")
+                                 f"norm {float(norms[i]):.4g}")
         if self.seen_vectors.shape[1] != self.unseen_vectors.shape[1]:
             raise ValueError(f"{where}: seen vectors are {self.seen_vectors.shape[1]}-d, unseen vectors "
                              f"{self.unseen_vectors.shape[1]}-d")
