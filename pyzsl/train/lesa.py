@@ -12,6 +12,7 @@ from typing import Dict, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data.multilabel import MultilabelZSLData, load_multilabel_dataset
@@ -82,25 +83,35 @@ class GlobalBatchSampler:
             yield batch[bounds[self.rank]: bounds[self.rank + 1]].tolist()
 
 
-def _shard(dataset: Dataset, rank: int, world: int) -> Dataset:
-    n = len(dataset)
-    return Subset(dataset, range(n * rank // world, n * (rank + 1) // world))
+def _shard_rows(num_rows: int, rank: int, world: int) -> range:
+    return range(num_rows * rank // world, num_rows * (rank + 1) // world)
+
+
+def chance_scores(rows: Tensor, num_labels: int) -> Tensor:
+    """Uniform pseudo-random scores that depend only on (row, label), so every process count sees the same ones."""
+    columns = torch.arange(num_labels, dtype=torch.int64)
+    mixed = (rows.to(torch.int64)[:, None] * 1_000_003 + columns * 998_244_353) * 2_654_435_761
+    mixed = (mixed ^ (mixed >> 29)) & 0xFFFFFF
+    return mixed.to(torch.float32) / float(1 << 24)
 
 
 @torch.no_grad()
 def _score(model: LESA, dataset: Dataset, label_set: str, evaluator: MultilabelZSLEvaluator, config: Dict,
            rank: int, world: int, description: str, chance: Optional[MultilabelZSLEvaluator] = None
            ) -> Dict[str, float]:
-    """Scores this rank's shard of ``dataset`` into ``evaluator`` (and seeded random scores into ``chance``)."""
+    """Scores this rank's shard of ``dataset`` into ``evaluator`` (and chance-level scores into ``chance``)."""
     model.eval()
-    loader = DataLoader(_shard(dataset, rank, world), batch_size=config["eval_batch_size"],
+    rows = _shard_rows(len(dataset), rank, world)
+    loader = DataLoader(Subset(dataset, rows), batch_size=config["eval_batch_size"],
                         num_workers=config["num_workers"])
-    noise = torch.Generator().manual_seed(rank)
+    start = rows.start
     for features, targets in progress(loader, disable=config["no_progress"], desc=description, leave=False):
         scores = model(features.to(config["device"]), label_set).scores
         evaluator.update(scores, targets.to(config["device"]))
         if chance is not None:
-            chance.update(torch.rand(scores.shape, generator=noise).to(scores), targets.to(config["device"]))
+            row_ids = torch.arange(start, start + len(targets))
+            chance.update(chance_scores(row_ids, scores.shape[1]).to(scores), targets.to(config["device"]))
+        start += len(targets)
     model.train()
     return evaluator.compute()
 
@@ -117,8 +128,8 @@ def test(model: LESA, data: MultilabelZSLData, config: Dict, rank: int, world: i
          with_chance: bool = False) -> Dict[str, float]:
     """ZSL (unseen labels) and GZSL (unseen then seen) metrics on the test split (keys ``zsl/...``, ``gzsl/...``).
 
-    ``with_chance`` adds ``chance/zsl/...`` and ``chance/gzsl/...``: the same metrics for seeded uniform random
-    scores, the chance level the model's numbers should be read against.
+    ``with_chance`` adds ``chance/zsl/...`` and ``chance/gzsl/...``: the same metrics for pseudo-random scores, the
+    chance level the model's numbers should be read against.
     """
     unseen = len(data.unseen_names)
 
@@ -160,8 +171,12 @@ def train_epoch(model, loader, optimizer, weights: LESALossWeights, config: Dict
             if name != "total":
                 totals[name] = totals.get(name, 0.0) + float(value.detach())
         steps += 1
-        bar.set_postfix(rank_loss=f"{float(losses['rank']):.3f}")
-    return {f"loss/{name}": value / max(steps, 1) for name, value in totals.items()}
+        bar.set_postfix(rank_loss=f"{float(losses['rank'].detach()):.3f}")
+    names = sorted(totals)
+    means = torch.tensor([totals[name] / max(steps, 1) for name in names], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(means)  # the ranks' shard contributions add up to the global-batch values
+    return {f"loss/{name}": float(value) for name, value in zip(names, means)}
 
 
 def _print_results(results: Dict[str, float], data: MultilabelZSLData, config: Dict, selection: str) -> None:

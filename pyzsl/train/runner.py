@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 SELECTIONS = ("val", "last", "parity")
 # Flags a resumed run may change; everything else must come from the run's own config.yaml.
 RESUMABLE_OVERRIDES = ("epochs", "no_progress", "num_workers")
+# Command-line entries that are not options of the run itself.
+NOT_OPTIONS = ("config", "resume", "method")
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +69,7 @@ def resolve_config(args: argparse.Namespace, defaults: Dict[str, Any]) -> Dict[s
             raise ValueError(f"--config {path}: unknown options {unknown}; known: {sorted(set(config) | set(vars(args)))}")
         config.update(loaded)
     for key, value in vars(args).items():
-        if value is not None and key not in ("config", "resume", "method"):
+        if value is not None and key not in NOT_OPTIONS:
             config[key] = value
     if config.get("device") is None:
         config["device"] = "cuda" if torch.cuda.is_available() else "cpu"
@@ -99,13 +101,12 @@ class Run:
             stored = yaml.safe_load(saved.read_text())
             if stored.get("method") != method:
                 raise ValueError(f"--resume {self.dir}: that run is method {stored.get('method')!r}, not {method!r}")
-            changed = {k: v for k, v in (cli_overrides or {}).items()
-                       if v is not None and k not in RESUMABLE_OVERRIDES and stored.get(k) != v}
+            overrides = {k: v for k, v in (cli_overrides or {}).items() if v is not None and k not in NOT_OPTIONS}
+            changed = {k: v for k, v in overrides.items() if k not in RESUMABLE_OVERRIDES and stored.get(k) != v}
             if changed:
                 raise ValueError(f"--resume continues the run as configured in {saved}; only "
                                  f"{list(RESUMABLE_OVERRIDES)} may change, but these differ: {changed}")
-            stored.update({k: v for k, v in (cli_overrides or {}).items()
-                           if v is not None and k in RESUMABLE_OVERRIDES})
+            stored.update({k: v for k, v in overrides.items() if k in RESUMABLE_OVERRIDES})
             self.config = stored
         else:
             self.config = {**config, "method": method}
