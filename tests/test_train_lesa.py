@@ -111,3 +111,28 @@ def test_cli_rejects_bad_options(tmp_path):
     bad.write_text("learning_rate: 0.1\n")
     result = run("--config", str(bad))
     assert result.returncode == 2 and "unknown options ['learning_rate']" in result.stderr
+
+
+def test_trains_on_nus_wide_label_sets_from_feature_stores(tmp_path, data_root):
+    """The real NUS-WIDE label sets and GloVe vectors with small random feature stores: 925 / 81 / 1,006 labels."""
+    from pyzsl.data.multilabel import nus_wide_labels
+    from pyzsl.data.store import write_store
+
+    seen, unseen, _, _ = nus_wide_labels(data_root)
+    g = torch.Generator().manual_seed(0)
+
+    def store(path, rows, names):
+        labels = torch.randint(-1, 2, (rows, len(names)), generator=g, dtype=torch.int8)
+        write_store(path, torch.rand(rows, 4, 8, generator=g), labels, names, [f"img{i}" for i in range(rows)])
+
+    store(tmp_path / "train.h5", 48, seen)
+    store(tmp_path / "test.h5", 24, unseen + seen)
+    config = tiny_config(tmp_path, dataset_options={"features_dir": str(tmp_path), "val_rows": 16})
+    results = main(["lesa", "--dataset", "nus-wide", "--data-root", str(data_root), "--config", config,
+                    "--epochs", "1", "--batch-size", "16", "--out", str(tmp_path / "runs"), "--no-progress"])
+    run = only_run(tmp_path / "runs")
+    assert {"zsl/mAP", "gzsl/mAP", "zsl/F1@3", "gzsl/F1@5"} <= set(results)
+    assert yaml.safe_load((run / "config.yaml").read_text())["patience"] == 5  # the NUS-WIDE preset
+    checkpoint = torch.load(run / "last.pt", weights_only=False)
+    assert checkpoint["model"]["seen_vectors"].shape == (925, 300)
+    assert checkpoint["model"]["unseen_vectors"].shape == (81, 300)
