@@ -24,7 +24,7 @@ decoding and GPU resizing on a CUDA device), and ``"pil"``, a DataLoader over PI
 DALI. Both yield ``(images float32 [B, 3, H, W], positions)``.
 
 **Unreadable images.** :func:`probe_images` reads each file's header (format, size, EXIF orientation) and its last
-bytes (a JPEG must end with its end-of-image marker, a PNG with its IEND chunk), which finds files that are not
+1 KiB (a JPEG must end with its end-of-image marker, a PNG with its IEND chunk), which finds files that are not
 images, empty, or cut short by an interrupted download (the common failures), without decoding. Files that pass the
 probe but still fail to decode are caught per batch: DALI stops its whole pipeline on one bad sample, so the loader
 rebuilds it and decodes that batch's samples one at a time to name the bad file; the PIL loader catches errors per
@@ -53,7 +53,6 @@ _FORMATS = ("JPEG", "PNG", "BMP", "WEBP")
 # EXIF orientations 5..8 rotate by 90 degrees, so the decoded image has width and height swapped.
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
 _TAIL_BYTES = 1024
-_HEAD_BYTES = 1 << 16
 
 
 class CorruptImageWarning(UserWarning):
@@ -255,21 +254,21 @@ def probe_image(path: PathLike) -> Probe:
 
     try:
         with open(path, "rb") as f:
-            head = f.read(_HEAD_BYTES)
+            empty = not f.read(1)
             size = f.seek(0, os.SEEK_END)
             f.seek(max(0, size - _TAIL_BYTES))
             tail = f.read()
     except OSError as e:
         return Probe(error=f"cannot read: {e.strerror or e}")
-    if not head:
+    if empty:
         return Probe(error="empty file")
     try:
-        with Image.open(io.BytesIO(head)) as im:
+        with Image.open(path) as im:  # lazy: reads the header (and, for PNG, the chunk list), decodes nothing
             fmt, (w, h) = im.format, im.size
-            orientation = im.getexif().get(0x0112, 1) if fmt in ("JPEG", "WEBP", "PNG") else 1
+            orientation = im.getexif().get(0x0112, 1)
     except UnidentifiedImageError:
         return Probe(error="not an image PIL can identify")
-    except Exception as e:  # a header cut inside the first 64 KiB, a malformed EXIF block, ...
+    except Exception as e:  # a header cut short, a malformed EXIF block, ...
         return Probe(error=f"unreadable header: {type(e).__name__}: {e}")
     if fmt not in _FORMATS:
         return Probe(error=f"format {fmt} is not one of {_FORMATS}")
@@ -507,7 +506,8 @@ def _is_decode_error(error: Exception) -> bool:
 
 def _dali_reason(error: Exception) -> str:
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    detail = next((ln for ln in lines if "decode" in ln.lower() or "failure" in ln.lower()), lines[-1] if lines else "")
+    after = [lines[i + 1] for i, ln in enumerate(lines[:-1]) if ln.startswith("encountered")]
+    detail = after[0] if after else (lines[-1] if lines else "")
     return f"DALI could not decode it ({detail[:200]})"
 
 
