@@ -51,6 +51,23 @@ TORCH_LIBRARY(pyzsl, m) {
   m.def(
       "_head_max_scores_backward(Tensor grad_scores, Tensor head, Tensor attended, Tensor classifiers) "
       "-> (Tensor grad_attended, Tensor grad_classifiers)");
+  // TF-VAEGAN's synthesis with feedback for N rows (nn.Linear weight layout [out, in], LeakyReLU slope 0.2):
+  // x1 = lrelu(gen_fc1([noise, attributes])), h = lrelu(dec_fc1(sigmoid(gen_fc3(x1)))),
+  // fb = lrelu(fb_fc2(lrelu(fb_fc1(h)))), out = sigmoid(gen_fc3(x1 + alpha * fb)). Rows go chunk_size at a time.
+  // compute_dtype (bf16/fp16) is the GEMM operand and activation type. With keep_activations the activations the
+  // backward needs (x1, h, F's hidden f1, fb) are returned, else they are empty.
+  m.def(
+      "feedback_synthesis(Tensor noise, Tensor attributes, Tensor gen_w1, Tensor gen_b1, Tensor gen_w3, "
+      "Tensor gen_b3, Tensor dec_w1, Tensor dec_b1, Tensor fb_w1, Tensor fb_b1, Tensor fb_w2, Tensor fb_b2, "
+      "float alpha, int chunk_size, ScalarType? compute_dtype, bool keep_activations) "
+      "-> (Tensor out, Tensor x1, Tensor h, Tensor f1, Tensor fb)");
+  // Gradients of feedback_synthesis; h is detached, so the decoder gets none.
+  m.def(
+      "_feedback_synthesis_backward(Tensor grad_out, Tensor out, Tensor x1, Tensor h, Tensor f1, Tensor fb, "
+      "Tensor noise, Tensor attributes, Tensor gen_w1, Tensor gen_w3, Tensor fb_w1, Tensor fb_w2, float alpha, "
+      "int chunk_size, ScalarType? compute_dtype) -> (Tensor grad_noise, Tensor grad_attributes, "
+      "Tensor grad_gen_w1, Tensor grad_gen_b1, Tensor grad_gen_w3, Tensor grad_gen_b3, Tensor grad_fb_w1, "
+      "Tensor grad_fb_b1, Tensor grad_fb_w2, Tensor grad_fb_b2)");
 }
 
 }  // namespace pyzsl
