@@ -165,13 +165,15 @@ def build_backbone(name: str = DEFAULT_BACKBONE, *, weights: Optional[PathLike] 
 
     if name not in BACKBONES:
         raise ValueError(f"build_backbone: name must be one of {sorted(BACKBONES)}, got {name!r}")
+    if layout not in ("regions", "pooled"):
+        raise ValueError(f"build_backbone: layout must be 'regions' or 'pooled', got {layout!r}")
     spec = BACKBONES[name]
-    model = timm.create_model(spec.timm_name, pretrained=False)
     if weights is None:
         weights = default_weights(name)
-    if weights is not None:
-        load_weights(model, weights)
-    elif not random_init:
+    if weights is None and not random_init:
         raise ValueError(f"build_backbone: {name!r} has no packaged weights; pass weights=PATH (a checkpoint of "
                          f"timm's {spec.timm_name!r}), or random_init=True for random weights")
+    model = timm.create_model(spec.timm_name, pretrained=False)
+    if weights is not None:
+        load_weights(model, weights)
     return Backbone(name, model, spec, layout).eval()
