@@ -5,9 +5,10 @@ Shapes follow LESA training: B = 32 images, R = 196 regions, D = 512 features, H
 vectors of 300 dims, L = 925 (NUS-WIDE seen) and 7,186 (Open Images seen). Rows:
 - attention: ``shared_multi_attention`` (attention over regions, attended features, max over heads), fwd + bwd;
 - rank loss: ``lesa_rank_loss``, fwd + bwd;
-- step: attention + classifiers c_l = W v_l + rank loss, backward, and an RMSProp step (LESA's optimiser) over
-  W1, W2 and W. The learned conv/BN/ReLU before the attention is the same PyTorch code on both paths and is left
-  out.
+- step: one whole LESA training step: the model (2x2 conv + BN + ReLU, shared attention, c_l = W v_l, max over
+  heads), its four losses (rank + 0.1 distribution + 0.001 relevance + 0.01 diversity), backward, and a TF1 RMSProp
+  step. pyzsl: ``LESA`` + ``lesa_loss`` on the cpp kernels; reference: the same model with the losses as the
+  published code computes them (``pyzsl.models._reference.published_lesa_losses``: full [B, M, L], pair tensor).
 The published pairwise loss needs several [B, L, L] tensors (6.6 GB each in float32 at L = 7,186), so the reference
 path runs it on chunks of images whose pair tensors hold at most 2^27 entries; each chunk is the published
 computation. Correctness first (outputs and gradients against the reference path, float64, 4 images), then the best of --repeats runs
@@ -17,12 +18,15 @@ child process.
     python benchmarks/bench_lesa.py [--repeats 3] [--threads N] [--sizes 925 7186]
 """
 import argparse
+import copy
 import multiprocessing as mp
 import time
 
 import torch
 
-from pyzsl.ops import _reference, lesa_rank_loss, shared_multi_attention
+from pyzsl.models._reference import pairwise_rank_loss, published_lesa_losses
+from pyzsl.models.lesa import LESA, LESALossWeights, TFRMSprop, lesa_loss
+from pyzsl.ops import lesa_rank_loss, shared_multi_attention
 
 B, R, D, H, M, V = 32, 196, 512, 512, 10, 300
 POSITIVE_RATE = {925: 0.03, 7186: 0.01}
@@ -42,16 +46,15 @@ def make_inputs(L, seed=0):
     targets = torch.full((B, L), -1, dtype=torch.int8)
     targets[u < POSITIVE_RATE.get(L, 0.01)] = 1
     targets[(u >= POSITIVE_RATE.get(L, 0.01)) & (u < POSITIVE_RATE.get(L, 0.01) + 0.2)] = 0
-    return features, params, vectors, targets
+    torch.manual_seed(seed)
+    model = LESA(vectors, vectors[:1], feature_dim=D, grid=(14, 14), hidden_dim=H, heads=M)
+    return features, params, vectors, targets, model
 
 
-def pairwise_rank_loss(scores, targets):
-    """The published pairwise form over chunks of images (the mean of per-image losses is chunk-additive)."""
-    chunk = max(1, CHUNK_PAIRS // (scores.shape[1] ** 2))
-    total = 0
-    for i in range(0, scores.shape[0], chunk):
-        total = total + _reference.lesa_rank_loss(scores[i : i + chunk], targets[i : i + chunk]) * len(scores[i : i + chunk])
-    return total / scores.shape[0]
+def as_double(inputs, images=4):
+    features, params, vectors, targets, model = inputs
+    return (features[:images].double(), {k: v.double() for k, v in params.items()}, vectors.double(),
+            targets[:images], copy.deepcopy(model).double())
 
 
 def attention(path, features, params, vectors):
@@ -61,12 +64,12 @@ def attention(path, features, params, vectors):
 
 
 def rank_loss(path, scores, targets):
-    return lesa_rank_loss(scores, targets, backend="cpp") if path == "pyzsl" else pairwise_rank_loss(scores, targets)
+    return lesa_rank_loss(scores, targets, backend="cpp") if path == "pyzsl" else pairwise_rank_loss(scores, targets, CHUNK_PAIRS)
 
 
 def run(row, path, inputs, optimizer_state=None):
     """One measured unit; returns what the correctness check compares."""
-    features, params, vectors, targets = inputs
+    features, params, vectors, targets, model = inputs
     leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     if row == "attention":
         scores = attention(path, features, leaves, vectors)
@@ -79,11 +82,19 @@ def run(row, path, inputs, optimizer_state=None):
         loss.backward()
         return loss.detach(), [scores.grad]
     # whole step
-    optimizer = torch.optim.RMSprop(list(leaves.values()), lr=1e-3, alpha=0.9, momentum=0.9, eps=1.0)
-    loss = rank_loss(path, attention(path, features, leaves, vectors), targets)
+    model = copy.deepcopy(model)
+    optimizer = TFRMSprop(model.parameters(), lr=1e-3)
+    if path == "pyzsl":
+        model.backend = "cpp"
+        loss = lesa_loss(model(features), targets, backend="cpp")["total"]
+    else:
+        model.backend = "reference"
+        parts, w = published_lesa_losses(model, features, targets, chunk_pairs=CHUNK_PAIRS), LESALossWeights()
+        loss = parts["rank"] + w.distribution * parts["distribution"] + w.relevance * parts["relevance"] + \
+            w.diversity * parts["diversity"]
     loss.backward()
     optimizer.step()
-    return loss.detach(), [leaves[k].detach() for k in sorted(leaves)]
+    return loss.detach(), [p.detach() for p in model.parameters()]
 
 
 def best_time(fn, repeats):
@@ -137,9 +148,7 @@ def main():
     print(f"threads: {torch.get_num_threads()}; B={B} R={R} D={D} H={H} M={M}")
     for L in args.sizes:
         inputs = make_inputs(L)
-        features, params, vectors, targets = inputs
-        check_inputs = (features[:4].double(), {k: v.double() for k, v in params.items()}, vectors.double(),
-                        targets[:4])
+        check_inputs = as_double(inputs)
         print(f"\n### L = {L:,}\n")
         print("| row | pyzsl (s) | reference path (s) | speed-up | peak memory pyzsl / reference (MiB) |")
         print("|---|---:|---:|---:|---:|")

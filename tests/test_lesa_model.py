@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
+from pyzsl.models._reference import published_lesa_losses
 from pyzsl.models.lesa import LESA, AdaptiveLR, LESALossWeights, TFRMSprop, lesa_loss
 
 
@@ -29,34 +29,9 @@ def make_batch(seed, B=6, R=9, D=8, L=13, dtype=torch.float64):
 
 
 def published_losses(model, features, targets):
-    """The four losses as LESA's TensorFlow code writes them, with the full [B, M, L] score tensor and pair tensor."""
-    regions = model.region_features(features)
-    B, R, D = regions.shape
-    ones = regions.new_ones(B, R, 1)
-    augmented = torch.cat([regions, ones], 2)
-    hidden = torch.cat([torch.tanh(augmented @ model.w1), ones], 2)
-    logits = (hidden @ model.w2).transpose(1, 2)                                   # [B, M, R]
-    attended = torch.softmax(logits, 2) @ augmented                                # [B, M, D + 1]
-    classifiers = model.label_projection(model.seen_vectors)
-    zero_augmented = torch.cat([classifiers, classifiers.new_zeros(len(classifiers), 1)], 1)
-    head_scores = attended @ zero_augmented.t()                                    # [B, M, L]
-    scores = head_scores.max(1).values
-    y = targets.to(scores.dtype)
-    # rank: hinge over every (positive, negative) pair, / number of violating pairs, mean over images
-    pair = F.relu(1 + scores.unsqueeze(1) - scores.unsqueeze(2))                   # [B, p, n]: 1 + s_n - s_p
-    mask = ((y > 0).unsqueeze(2) & (y < 0).unsqueeze(1)).to(scores.dtype)
-    hinge = pair * mask
-    rank = (hinge.sum((1, 2)) / ((hinge > 0).sum((1, 2)).to(scores.dtype) + 1e-8)).mean()
-    # distribution: softmax over heads, positives only, summed over labels, squared, mean over heads and images
-    distribution = ((torch.softmax(head_scores, 1) * (y > 0).unsqueeze(1)).sum(2) ** 2).mean()
-    # relevance: global-average-pooling scores, hinge with margin 0, summed
-    global_scores = regions.mean(1) @ classifiers.t()
-    relevance = F.relu(-(scores - global_scores) * y).sum()
-    # diversity: Frobenius norm of the off-diagonal Gram of normalised logits over the whole batch
-    n = F.normalize(logits, dim=2)
-    gram = n @ n.transpose(1, 2)
-    diversity = (gram * (1 - torch.eye(gram.shape[1], dtype=gram.dtype))).norm()
-    return {"rank": rank, "distribution": distribution, "relevance": relevance, "diversity": diversity}
+    # small chunks so the chunked pair-tensor path is exercised too
+    losses = published_lesa_losses(model, features, targets, chunk_pairs=2 * targets.shape[1] ** 2)
+    return {name: losses[name] for name in ("rank", "distribution", "relevance", "diversity")}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
