@@ -173,7 +173,8 @@ def train_epoch(model, loader, optimizer, weights: LESALossWeights, config: Dict
         steps += 1
         bar.set_postfix(rank_loss=f"{float(losses['rank'].detach()):.3f}")
     names = sorted(totals)
-    means = torch.tensor([totals[name] / max(steps, 1) for name in names], dtype=torch.float64)
+    means = torch.tensor([totals[name] / max(steps, 1) for name in names], dtype=torch.float64,
+                         device=config["device"])  # nccl reduces device tensors only
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(means)  # the ranks' shard contributions add up to the global-batch values
     return {f"loss/{name}": float(value) for name, value in zip(names, means)}
