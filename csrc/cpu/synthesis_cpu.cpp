@@ -392,7 +392,9 @@ feedback_synthesis_backward_cpu(const at::Tensor& grad_out, const at::Tensor& ou
                                        w1, w3, wf2, H, Hf, alpha, chunk_size, low);
   });
   const int64_t nz = noise.size(1);
-  return {grads[0].narrow(1, 0, nz).contiguous(), grads[0].narrow(1, nz, attributes.size(1)).contiguous(),
+  // clones: the two halves of one buffer must not alias each other
+  return {grads[0].narrow(1, 0, nz).clone(at::MemoryFormat::Contiguous),
+          grads[0].narrow(1, nz, attributes.size(1)).clone(at::MemoryFormat::Contiguous),
           grads[1], grads[2], grads[3], grads[4], grads[5], grads[6], grads[7], grads[8]};
 }
 
