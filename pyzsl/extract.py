@@ -148,6 +148,10 @@ def extract(images: PathLike, out: PathLike, *, backbone: str = DEFAULT_BACKBONE
         sidecar.unlink()  # left by a run whose store was deleted since
     finished = _complete(out) if resume and out.exists() else None
     if finished is not None:
+        for key, value in attrs.items():
+            if finished.attrs.get(key) != value:
+                raise ValueError(f"extract(resume=True): {out} is a finished extraction with {key} = "
+                                 f"{finished.attrs.get(key)!r}, this run asks for {value!r}")
         summary.rows = summary.resumed_from = len(finished)
         summary.seconds = time.perf_counter() - started
         if mat_out is not None:
