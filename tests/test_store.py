@@ -62,18 +62,6 @@ def test_rows_and_label_columns(tmp_path):
     assert len(by_index) == 6  # with_rows leaves the original alone
 
 
-def test_getitems_matches_getitem(tmp_path):
-    """The batched read sorts rows for h5py and maps them back, duplicates included."""
-    path, *_ = written(tmp_path)
-    ds = FeatureStore(path, rows=list(range(12, -1, -1)), label_columns=[3, 0, 5])
-    order = [4, 0, 9, 4, 12, 1]
-    batch = ds.__getitems__(order)
-    for (x, y), i in zip(batch, order):
-        xi, yi = ds[i]
-        assert torch.equal(x, xi) and torch.equal(y, yi)
-    assert ds.__getitems__([]) == []
-
-
 def test_dataloader_workers_open_their_own_handle(tmp_path):
     path, features, labels, *_ = written(tmp_path, n=37)
     ds = FeatureStore(path, rows=range(1, 37))
@@ -113,6 +101,10 @@ def test_writer_appends_and_resumes(tmp_path):
         assert w.rows_written == 6
         with pytest.raises(ValueError, match=r"writing 5 rows would pass num_rows = 10 \(6 already written\)"):
             w.write(features[5:], labels[5:], ids[5:])
+        bad = labels[6:].clone()
+        bad[1, 5] = -2
+        with pytest.raises(ValueError, match=r"found -2 at row 7, column 5"):  # rows counted from the file's start
+            w.write(features[6:], bad, ids[6:])
         w.write(features[6:], labels[6:], ids[6:])
     ds = FeatureStore(path)
     torch.testing.assert_close(torch.stack([ds[i][0] for i in range(10)]), features)
