@@ -394,8 +394,8 @@ class GANTrainer:
             with torch.no_grad():
                 z = self._noise(x, a)
                 fake = model.generate(z, a, c.a1 if use_fb else None, backend=self.backend)
-            alpha = torch.rand(x.shape[0], 1, device=x.device)
-            d_real, d_fake, gp = self._critic_gradients(x, fake, a, alpha)
+                alpha = torch.rand(x.shape[0], 1, device=x.device)
+                d_real, d_fake, gp = self._critic_gradients(x, fake, a, alpha)
             gp_sum = gp_sum + c.gamma_d * (gp * self.lambda1)
             self.opt_d.step()
         gp_mean = gp_sum / (c.gamma_d * self.lambda1 * c.critic_iter)
@@ -421,7 +421,7 @@ class GANTrainer:
                                    backend=self.backend)
             vae = vae_loss(recon, x, mean, log_var)
             err = err + vae
-            losses.vae = float(vae)
+            losses.vae = float(vae.detach())
         if c.encoded_noise:
             fake = recon
         else:
@@ -437,7 +437,7 @@ class GANTrainer:
                             critic.fc2.weight.detach(), critic.fc2.bias.detach()).mean()
         g_cost = -d_fake_g
         err = err + c.gamma_g * g_cost
-        losses.g_cost = float(g_cost)
+        losses.g_cost = float(g_cost.detach())
         if dec is not None and c.recons_weight > 0:
             if c.freeze_dec:
                 h = F.leaky_relu(F.linear(fake, dec.fc1.weight.detach(), dec.fc1.bias.detach()), SLOPE)
@@ -447,11 +447,11 @@ class GANTrainer:
                 out, _ = dec(fake)
             r_cost = weighted_l1(out, a)
             err = err + c.recons_weight * r_cost
-            losses.recons = float(r_cost)
+            losses.recons = float(r_cost.detach())
         if c.cls_weight > 0:
             cls = F.nll_loss(self.pretrained_classifier(fake), y)
             err = err + c.cls_weight * cls
-            losses.cls = float(cls)
+            losses.cls = float(cls.detach())
         err.backward()
         if self.opt_e is not None:
             self.opt_e.step()
@@ -546,7 +546,7 @@ class PublishedLoop:
             recon = self._feedback_fake(z, a) if use_fb else gen(z, a)
             vae = vae_loss(recon, x, mean, log_var)
             err = vae
-            losses.vae = float(vae)
+            losses.vae = float(vae.detach())
         if c.encoded_noise:
             fake = recon
         else:
@@ -559,17 +559,17 @@ class PublishedLoop:
                 fake = gen(noise, a)
         g_cost = -critic(fake, a).mean()
         err = err + c.gamma_g * g_cost
-        losses.g_cost = float(g_cost)
+        losses.g_cost = float(g_cost.detach())
         if dec is not None and c.recons_weight > 0:
             dec.zero_grad()
             recons_fake, _ = dec(fake)
             r_cost = weighted_l1(recons_fake, a)
             err = err + c.recons_weight * r_cost
-            losses.recons = float(r_cost)
+            losses.recons = float(r_cost.detach())
         if c.cls_weight > 0:
             cls = F.nll_loss(self.pretrained_classifier(fake), y)
             err = err + c.cls_weight * cls
-            losses.cls = float(cls)
+            losses.cls = float(cls.detach())
         err.backward()
         if self.opt_e is not None:
             self.opt_e.step()

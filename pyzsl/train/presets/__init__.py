@@ -1,0 +1,1 @@
+"""Per-dataset training presets (published settings, with their sources) for the pyzsl trainers."""
