@@ -223,28 +223,31 @@ def write_xlsa17_mat(store: PathLike, mat_out: PathLike, block: int = 4096) -> P
     """Writes a pooled feature store as an xlsa17 ``res101.mat`` (module docstring)."""
     import scipy.io
 
-    ds = FeatureStore(store)
+    import h5py
+
+    ds = FeatureStore(store)  # validates the file; the blocks are then read with h5py in the documented layout
     where = f"write_xlsa17_mat({store})"
     if ds.layout != "pooled":
         raise ValueError(f"{where}: xlsa17 features are pooled [D, N]; the store's layout is {ds.layout!r}")
     n, d = ds.num_rows, ds.feature_shape[0]
+    image_ids = ds.image_ids
+    ds.close()
     features = np.empty((d, n), dtype=np.float32)
     classes = np.empty(n, dtype=np.int64)
-    f = ds._handle()
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        features[:, start:stop] = f["features"][start:stop].astype(np.float32).T
-        labels = f["labels"][start:stop]
-        positives = (labels == 1).sum(1) if labels.shape[1] else np.zeros(stop - start, dtype=np.int64)
-        bad = np.flatnonzero(positives != 1)
-        if bad.size:
-            r = start + int(bad[0])
-            raise ValueError(f"{where}: xlsa17 needs exactly one positive label per image; row {r} "
-                             f"({ds.image_ids[r]!r}) has {int(positives[bad[0]])}")
-        classes[start:stop] = labels.argmax(1) + 1
+    with h5py.File(store, "r") as f:
+        for start in range(0, n, block):
+            stop = min(n, start + block)
+            features[:, start:stop] = f["features"][start:stop].astype(np.float32).T
+            labels = f["labels"][start:stop]
+            positives = (labels == 1).sum(1)
+            bad = np.flatnonzero(positives != 1)
+            if bad.size:
+                r = start + int(bad[0])
+                raise ValueError(f"{where}: xlsa17 needs exactly one positive label per image; row {r} "
+                                 f"({image_ids[r]!r}) has {int(positives[bad[0]])}")
+            classes[start:stop] = labels.argmax(1) + 1
     ids = np.empty((n, 1), dtype=object)
-    ids[:, 0] = ds.image_ids
-    ds.close()
+    ids[:, 0] = image_ids
     mat_out = Path(mat_out)
     scipy.io.savemat(str(mat_out), {"features": features, "labels": classes.reshape(n, 1), "image_files": ids})
     return mat_out
