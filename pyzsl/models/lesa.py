@@ -206,15 +206,21 @@ class TFRMSprop(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["ms"] = torch.ones_like(p)
-                    state["mom"] = torch.zeros_like(p)
-                ms, mom = state["ms"], state["mom"]
-                ms.mul_(group["decay"]).addcmul_(p.grad, p.grad, value=1 - group["decay"])
-                mom.mul_(group["momentum"]).addcdiv_(p.grad, (ms + group["eps"]).sqrt_(), value=group["lr"])
-                p.sub_(mom)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if not self.state[p]:
+                    self.state[p].update(ms=torch.ones_like(p), mom=torch.zeros_like(p))
+            grads = [p.grad for p in params]
+            ms = [self.state[p]["ms"] for p in params]
+            mom = [self.state[p]["mom"] for p in params]
+            # multi-tensor updates: one pass per operation over all parameters
+            torch._foreach_mul_(ms, group["decay"])
+            torch._foreach_addcmul_(ms, grads, grads, value=1 - group["decay"])
+            denominators = torch._foreach_add(ms, group["eps"])
+            torch._foreach_sqrt_(denominators)
+            torch._foreach_mul_(mom, group["momentum"])
+            torch._foreach_addcdiv_(mom, grads, denominators, value=group["lr"])
+            torch._foreach_sub_(params, mom)
         return loss
