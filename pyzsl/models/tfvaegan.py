@@ -26,7 +26,6 @@ three weight-gradient products fused into one (the critic is linear -> LeakyReLU
 ``dD/dx = (w2 * lrelu'(pre)) W1x`` and the penalty's gradient follows by the chain rule; the LeakyReLU derivative
 is piecewise constant, so the terms autograd adds through it are exactly zero).
 """
-import inspect
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Optional, Tuple
@@ -34,6 +33,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..ops import feedback_synthesis
 
 SLOPE = 0.2  # LeakyReLU(0.2) everywhere, as published
 
@@ -176,15 +177,6 @@ class Critic(nn.Module):
         return self.fc2(F.leaky_relu(self.fc1(torch.cat([x, a], 1)), SLOPE))
 
 
-def _feedback_synthesis():
-    """The fused op pyzsl.ops.feedback_synthesis, or None while it is not built into this checkout."""
-    try:
-        from ..ops import feedback_synthesis
-    except ImportError:
-        return None
-    return feedback_synthesis
-
-
 class TFVAEGAN(nn.Module):
     """Encoder, generator, critic, feedback module and semantic decoder (those the configuration uses)."""
 
@@ -204,23 +196,10 @@ class TFVAEGAN(nn.Module):
         ``G(z, a, alpha * F(Dec.hidden(G(z, a)).detach()))``, differentiable in z, a, G and F as in training."""
         if alpha is None or self.feedback is None:
             return self.generator(z, a)
-        op = _feedback_synthesis()
         g, d, f = self.generator, self.decoder, self.feedback
-        if op is None:  # TODO(feedback_synthesis): remove once pyzsl.ops.feedback_synthesis lands
-            x1 = g.hidden(z, a)
-            with torch.no_grad():
-                h = d.hidden(g.head(x1))
-            return g.head(x1 + alpha * f(h))
-        kwargs = {"chunk_size": chunk_size}
-        if backend is not None:
-            kwargs["backend"] = backend
-        if compute_dtype is not None:
-            if "compute_dtype" not in inspect.signature(op).parameters:
-                raise NotImplementedError("pyzsl.ops.feedback_synthesis has no compute_dtype argument in this build; "
-                                          "only fp32 synthesis is available")
-            kwargs["compute_dtype"] = compute_dtype
-        return op(z, a, g.fc1.weight, g.fc1.bias, g.fc3.weight, g.fc3.bias, d.fc1.weight, d.fc1.bias,
-                  f.fc1.weight, f.fc1.bias, f.fc2.weight, f.fc2.bias, float(alpha), **kwargs)
+        return feedback_synthesis(z, a, g.fc1.weight, g.fc1.bias, g.fc3.weight, g.fc3.bias, d.fc1.weight, d.fc1.bias,
+                                  f.fc1.weight, f.fc1.bias, f.fc2.weight, f.fc2.bias, float(alpha),
+                                  chunk_size=chunk_size, compute_dtype=compute_dtype, backend=backend)
 
     @torch.no_grad()
     def synthesize(self, attributes: Tensor, num_per_class: int, *, alpha: Optional[float] = None,
@@ -242,6 +221,9 @@ class TFVAEGAN(nn.Module):
         a = attributes.to(device).float().repeat_interleave(num_per_class, dim=0)
         z = torch.randn(a.shape[0], self.config.latent_dim, generator=generator, device=device)
         alpha = self.config.a2 if alpha is None else alpha
+        if compute_dtype is not None and self.feedback is None:
+            raise ValueError("synthesize: compute_dtype is a feature of the feedback-synthesis op; this model has no "
+                             "feedback module (f-CLSWGAN), synthesise in fp32")
         fake = self.generate(z, a, alpha if self.feedback is not None else None, backend=backend,
                              chunk_size=chunk_size, compute_dtype=compute_dtype)
         return fake.float(), labels

@@ -30,8 +30,8 @@ TFVAEGAN_PRESETS = {
     "sun": {"seed": 4115, "epochs": 400, "syn_num": 400, "lr": 1e-3, "classifier_lr": 5e-4, "gamma_d": 1.0,
             "gamma_g": 1.0, "recons_weight": 0.01, "a1": 0.1, "a2": 0.01, "feed_lr": 1e-4, "dec_lr": 1e-4,
             "encoded_noise": True, "freeze_dec": False},
-    "synthetic-gzsl": {"seed": 0, "epochs": 12, "syn_num": 100, "hidden": 256, "critic_hidden": 256,
-                       "encoder_hidden": 256, "lr": 1e-3, "feed_lr": 1e-4, "dec_lr": 1e-3, "a1": 0.5, "a2": 0.5,
+    "synthetic-gzsl": {"seed": 0, "epochs": 10, "syn_num": 100, "hidden": 256, "critic_hidden": 256,
+                       "encoder_hidden": 256, "lr": 2e-3, "feed_lr": 2e-4, "dec_lr": 2e-3, "a1": 0.5, "a2": 0.5,
                        "classifier_lr": 1e-3, "classifier_epochs": 25},
 }
 
