@@ -1,4 +1,5 @@
 """Multi-label ZSL datasets on the real NUS-WIDE and Open Images metadata, with small feature stores in tmp_path."""
+import functools
 import pickle
 import shutil
 import sys
@@ -104,6 +105,11 @@ def test_nus_wide_dataset_maps_columns_by_name(data_root, tmp_path):
         x, y = data.test[i]
         torch.testing.assert_close(x, test_x[i])
         assert y.shape == (1006,) and torch.equal(y, test_targets[i])
+    # the splits share one file; each DataLoader worker opens its own handle
+    loader = torch.utils.data.DataLoader(data.train, batch_size=4, num_workers=2)
+    xs, ys = zip(*loader)
+    torch.testing.assert_close(torch.cat(xs), train_x[3:])
+    assert torch.equal(torch.cat(ys), train_targets[3:])
 
 
 def test_nus_wide_dataset_errors(data_root, tmp_path, monkeypatch):
@@ -157,12 +163,17 @@ def test_open_images_label_sets(data_root, oi_glove):
                and "'Beaglier'" in m for m in messages)
 
 
-def _glove_by_hand(word):
-    """A word's GloVe 6B 50-d vector read straight from the package files."""
+@functools.lru_cache(maxsize=1)
+def _glove_files():
     import pyarrow.parquet as pq
     vectors_path, vocab_path = wv.glove_6b_50d_files()
-    words = pq.read_table(vocab_path).column("index").to_pylist()
-    return np.load(vectors_path)[words.index(word)].astype(np.float64)
+    return pq.read_table(vocab_path).column("index").to_pylist(), np.load(vectors_path, mmap_mode="r")
+
+
+def _glove_by_hand(word):
+    """A word's GloVe 6B 50-d vector read straight from the package files."""
+    words, vectors = _glove_files()
+    return np.asarray(vectors[words.index(word)], dtype=np.float64)
 
 
 @pytest.mark.parametrize("name, words", [

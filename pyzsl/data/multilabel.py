@@ -13,11 +13,12 @@ Files under ``data_root`` (``$PYZSL_DATA`` when ``data_root`` is None); the meta
 the ``.h5`` feature stores (:mod:`pyzsl.data.store`) are the user's, e.g. written by ``python -m pyzsl.extract``::
 
     nus_wide/TagList1k.txt, nus_wide/Concepts81.txt, nus_wide/NUS_WIDE_pretrained_w2v_glove-wiki-gigaword-300
-    nus_wide/train.h5   label columns named by tag: at least the 925 seen tags
+    nus_wide/train.h5   label columns named by tag: at least the 925 seen tags; its first 5,000 rows are the
+                        validation split (as published), the rest the training split
     nus_wide/test.h5    label columns: the 81 concepts (human labels, AllLabels/) and the 925 seen tags
     openimages/classes-trainable.txt, openimages/class-descriptions.csv, openimages/unseen_labels.pkl,
     openimages/top_400_unseen.csv
-    openimages/{train,val}.h5   label columns named by MID: at least the 7,186 seen MIDs
+    openimages/{train,val}.h5   label columns named by MID: at least the 7,186 seen MIDs (val: the validation set)
     openimages/test.h5          label columns: the 400 unseen MIDs and the 7,186 seen MIDs
 
 Store columns are looked up by name (any order, extra columns ignored; a missing one is a clear error). In NUS-WIDE
