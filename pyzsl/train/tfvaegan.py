@@ -23,6 +23,7 @@ the uninterrupted one exactly (CPU). ``--seeds N`` runs seeds seed, seed+1, ... 
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 from typing import Dict, List, Optional, Tuple
@@ -335,6 +336,10 @@ def _print_result(method: str, config: Dict, r: Dict, description: str) -> None:
 
 
 def main(args: argparse.Namespace, method: str = "tfvaegan") -> Dict[str, float]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"{method} trains in one process (4096-wide MLPs on at most ~40k features; data parallelism "
+                         f"does not pay): run seeds or datasets as separate processes instead of under torchrun "
+                         f"(WORLD_SIZE={os.environ['WORLD_SIZE']})")
     config = _config(args, method)
     cli = vars(args)
     if args.resume:
