@@ -44,6 +44,7 @@ def test_short_training_reaches_h_far_above_chance(tmp_path):
     assert json.loads((run_dir / "results.json").read_text())["H"] == result["H"]
 
 
+@pytest.mark.slow
 def test_same_seed_same_run(tmp_path):
     args = ["tfvaegan", "--selection", "last", "--epochs", "1", *TINY]
     a = main(args + ["--out", str(tmp_path / "a")])
@@ -95,6 +96,7 @@ def test_resume_may_only_change_epochs(tmp_path):
         main(["tfvaegan", "--resume", str(run_dir), "--lr", "0.5"])
 
 
+@pytest.mark.slow
 def test_parity_says_it_selects_on_the_test_set(tmp_path, capsys):
     result = main(["tfvaegan", "--selection", "parity", "--epochs", "2", *TINY, "--out", str(tmp_path),
                    "--synthesis-dtype", "bf16"])
@@ -103,6 +105,7 @@ def test_parity_says_it_selects_on_the_test_set(tmp_path, capsys):
     assert 1 <= result["selected_epoch"] <= 2
 
 
+@pytest.mark.slow
 def test_clswgan_seeds_mean_and_std(tmp_path, capsys):
     result = main(["clswgan", "--selection", "last", "--epochs", "1", "--seeds", "2", *TINY,
                    "--out", str(tmp_path)])

@@ -20,7 +20,7 @@ def write_features(folder, splits: dict, num_classes: int, dim: int = 7, seed: i
     for key in ("trainval_loc", "test_seen_loc"):  # every seen class in both seen splits
         rows = splits[key].ravel() - 1
         labels[rows] = np.arange(rows.size) % (num_classes - num_unseen)
-    if "train_loc" in splits:  # train and val classes are class-disjoint parts of the seen classes
+    if "train_loc" in splits and "val_loc" in splits:  # train and val classes are class-disjoint parts of the seen classes
         num_train = 2 * (num_classes - num_unseen) // 3
         for key, first, count in (("train_loc", 0, num_train), ("val_loc", num_train, num_classes - num_unseen - num_train)):
             rows = splits[key].ravel() - 1
