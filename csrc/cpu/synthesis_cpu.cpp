@@ -12,11 +12,20 @@
 //
 // Types: acc_t (float or double) is the input/output type; low_t (acc_t, BFloat16 or Half) is the GEMM operand and
 // activation storage type.
+// no-trapping-math (it concerns floating-point exception flags only, never values) lets GCC if-convert the
+// clamps and selects of the epilogues' exp so that they vectorise. It must precede the headers: the std::min/max
+// instantiated with trapping math would keep their comparisons as branches.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstdint>
 #include <optional>
 #include <vector>
 
@@ -43,6 +52,138 @@ inline T sigmoid(T v) {
   return T(1) / (T(1) + std::exp(-v));
 }
 
+// --- vectorised epilogues for float32 and bfloat16 storage ------------------------------------------------------
+// The build compiles for baseline x86-64 (SSE2); these loops are cloned for AVX-512 and AVX2 and picked at load time
+// (GCC function multiversioning), so they run at the width of the machine. Each is branch-free so that it
+// vectorises, exp included (a Cephes-style polynomial, within 1 ulp of exp over [-87, 88]). Measured on CUB shapes,
+// scalar epilogues took ~5% of the fp32 op and ~15% of the bf16 one.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PYZSL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PYZSL_CLONES
+#endif
+#define PYZSL_INLINE inline __attribute__((always_inline))
+
+struct F32 {  // float storage
+  using T = float;
+  static PYZSL_INLINE float load(float v) { return v; }
+  static PYZSL_INLINE float store(float v) { return v; }
+};
+
+struct BF16 {  // bfloat16 storage as raw bits; round to nearest even and quiet NaN exactly as c10::BFloat16
+  using T = uint16_t;
+  static PYZSL_INLINE float load(uint16_t v) { return std::bit_cast<float>(static_cast<uint32_t>(v) << 16); }
+  static PYZSL_INLINE uint16_t store(float f) {
+    const uint32_t u = std::bit_cast<uint32_t>(f);
+    const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    return f != f ? static_cast<uint16_t>(0x7FC0) : rounded;
+  }
+};
+
+PYZSL_INLINE float exp_approx(float x) {
+  // exp(x) = 2^n e^r with n = round(x / ln 2), |r| <= ln 2 / 2; x clamped so 2^n stays a normal float.
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float t = x * 1.44269504088896341f;
+  const int32_t ni = static_cast<int32_t>(t + (t >= 0.0f ? 0.5f : -0.5f));  // round half away (floor is a call)
+  const float n = static_cast<float>(ni);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const float scale = std::bit_cast<float>((ni + 127) << 23);
+  return p * scale;
+}
+
+template <typename S>
+PYZSL_INLINE void bias_leaky_rows(typename S::T* x, const float* __restrict b, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    typename S::T* __restrict row = x + r * cols;
+    for (int64_t c = 0; c < cols; ++c) {
+      const float v = S::load(row[c]) + b[c];
+      row[c] = S::store(v > 0.0f ? v : v * 0.2f);
+    }
+  }
+}
+
+PYZSL_INLINE float sigmoid_approx(float v) { return 1.0f / (1.0f + exp_approx(-v)); }
+
+template <typename S>
+PYZSL_INLINE void bias_sigmoid_rows(typename S::T* x, const float* __restrict b, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    typename S::T* __restrict row = x + r * cols;
+    for (int64_t c = 0; c < cols; ++c) row[c] = S::store(sigmoid_approx(S::load(row[c]) + b[c]));
+  }
+}
+
+// g holds F's last pre-activation and becomes x1 + alpha * fb; fb (rounded to storage) is also written when kept.
+template <typename S, bool kKeepFb>
+PYZSL_INLINE void feedback_rows(typename S::T* g, const float* __restrict b, const typename S::T* __restrict x1,
+                                float alpha, typename S::T* __restrict fb, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t base = r * cols;
+    typename S::T* __restrict grow = g + base;
+    for (int64_t c = 0; c < cols; ++c) {
+      const float v = S::load(grow[c]) + b[c];
+      const auto f = S::store(v > 0.0f ? v : v * 0.2f);
+      if constexpr (kKeepFb) fb[base + c] = f;
+      grow[c] = S::store(S::load(x1[base + c]) + alpha * S::load(f));
+    }
+  }
+}
+
+PYZSL_CLONES void bias_leaky_f32(float* x, const float* b, int64_t rows, int64_t cols) {
+  bias_leaky_rows<F32>(x, b, rows, cols);
+}
+PYZSL_CLONES void bias_leaky_bf16(uint16_t* x, const float* b, int64_t rows, int64_t cols) {
+  bias_leaky_rows<BF16>(x, b, rows, cols);
+}
+PYZSL_CLONES void bias_sigmoid_f32(float* x, const float* b, int64_t rows, int64_t cols) {
+  bias_sigmoid_rows<F32>(x, b, rows, cols);
+}
+PYZSL_CLONES void bias_sigmoid_bf16(uint16_t* x, const float* b, int64_t rows, int64_t cols) {
+  bias_sigmoid_rows<BF16>(x, b, rows, cols);
+}
+PYZSL_CLONES void bias_sigmoid_bf16_f32(const uint16_t* __restrict in, const float* __restrict b,
+                                        float* __restrict out, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = sigmoid_approx(BF16::load(in[r * cols + c]) + b[c]);
+  }
+}
+PYZSL_CLONES void feedback_f32(float* g, const float* b, const float* x1, float alpha, float* fb, int64_t rows,
+                               int64_t cols) {
+  if (fb != nullptr) {
+    feedback_rows<F32, true>(g, b, x1, alpha, fb, rows, cols);
+  } else {
+    feedback_rows<F32, false>(g, b, x1, alpha, fb, rows, cols);
+  }
+}
+PYZSL_CLONES void feedback_bf16(uint16_t* g, const float* b, const uint16_t* x1, float alpha, uint16_t* fb,
+                                int64_t rows, int64_t cols) {
+  if (fb != nullptr) {
+    feedback_rows<BF16, true>(g, b, x1, alpha, fb, rows, cols);
+  } else {
+    feedback_rows<BF16, false>(g, b, x1, alpha, fb, rows, cols);
+  }
+}
+
+// The raw storage of a float or bfloat16 tensor.
+template <typename T>
+auto raw(const at::Tensor& t) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return reinterpret_cast<uint16_t*>(t.mutable_data_ptr<c10::BFloat16>());
+  } else {
+    return t.mutable_data_ptr<T>();
+  }
+}
+
+template <typename acc_t, typename low_t>
+constexpr bool kVectorised =
+    std::is_same_v<acc_t, float> && (std::is_same_v<low_t, float> || std::is_same_v<low_t, c10::BFloat16>);
+
 enum class Act { kLeakyRelu, kSigmoid };
 
 // out[r, c] = act(pre[r, c] + bias[c]); pre and out may be the same buffer.
@@ -53,6 +194,25 @@ void bias_act(const at::Tensor& pre, const at::Tensor& bias, const at::Tensor& o
   const acc_t* b = bias.const_data_ptr<acc_t>();
   out_t* o = out.mutable_data_ptr<out_t>();
   at::parallel_for(0, rows, grain_rows(cols), [&](int64_t r0, int64_t r1) {
+    if constexpr (kVectorised<acc_t, pre_t> && kVectorised<acc_t, out_t>) {
+      auto dst = raw<out_t>(out) + r0 * cols;
+      if constexpr (std::is_same_v<pre_t, out_t>) {  // in place
+        TORCH_INTERNAL_ASSERT(pre.data_ptr() == out.data_ptr(), "same-type epilogues run in place");
+        if constexpr (act == Act::kLeakyRelu && std::is_same_v<out_t, float>) {
+          bias_leaky_f32(dst, b, r1 - r0, cols);
+        } else if constexpr (act == Act::kLeakyRelu) {
+          bias_leaky_bf16(dst, b, r1 - r0, cols);
+        } else if constexpr (std::is_same_v<out_t, float>) {
+          bias_sigmoid_f32(dst, b, r1 - r0, cols);
+        } else {
+          bias_sigmoid_bf16(dst, b, r1 - r0, cols);
+        }
+      } else {
+        static_assert(act == Act::kSigmoid, "only the final sigmoid changes type (bf16 in, float out)");
+        bias_sigmoid_bf16_f32(raw<pre_t>(pre) + r0 * cols, b, dst, r1 - r0, cols);
+      }
+      return;
+    }
     for (int64_t r = r0; r < r1; ++r) {
       const pre_t* pr = p + r * cols;
       out_t* orow = o + r * cols;
@@ -76,6 +236,17 @@ void feedback_residual(const at::Tensor& pre, const at::Tensor& bias, const at::
   low_t* o = g.mutable_data_ptr<low_t>();
   const acc_t a = static_cast<acc_t>(alpha);
   at::parallel_for(0, rows, grain_rows(cols), [&](int64_t r0, int64_t r1) {
+    if constexpr (kVectorised<acc_t, low_t>) {
+      TORCH_INTERNAL_ASSERT(pre.data_ptr() == g.data_ptr(), "the feedback epilogue runs in place");
+      const int64_t offset = r0 * cols;
+      auto fb_raw = fb_out.defined() ? raw<low_t>(fb_out) + offset : nullptr;
+      if constexpr (std::is_same_v<low_t, float>) {
+        feedback_f32(raw<low_t>(g) + offset, b, raw<low_t>(x1) + offset, a, fb_raw, r1 - r0, cols);
+      } else {
+        feedback_bf16(raw<low_t>(g) + offset, b, raw<low_t>(x1) + offset, a, fb_raw, r1 - r0, cols);
+      }
+      return;
+    }
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t base = r * cols;
       for (int64_t c = 0; c < cols; ++c) {
