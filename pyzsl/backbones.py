@@ -37,16 +37,18 @@ class BackboneSpec:
     timm_name: str
     preset: str
     feature_dim: int
+    # Parameters of the classifier head, which feature extraction does not use.
+    head_prefixes: tuple[str, ...]
     # VGG's region map is an intermediate layer; the others use forward_features.
     vgg_layers: Optional[int] = None
 
 
 BACKBONES: dict[str, BackboneSpec] = {
     # features[:36] ends with the ReLU after conv5_4 (features[36] is the last max-pool).
-    "vgg19": BackboneSpec("vgg19", "vgg", 512, vgg_layers=36),
-    "resnet101": BackboneSpec("resnet101", "resnet", 2048),
-    "tresnet_m": BackboneSpec("tresnet_m", "tresnet", 2048),
-    "efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", "efficientnet_lite", 1280),
+    "vgg19": BackboneSpec("vgg19", "vgg", 512, ("pre_logits.", "head."), vgg_layers=36),
+    "resnet101": BackboneSpec("resnet101", "resnet", 2048, ("fc.",)),
+    "tresnet_m": BackboneSpec("tresnet_m", "tresnet", 2048, ("head.",)),
+    "efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", "efficientnet_lite", 1280, ("classifier.",)),
 }
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
@@ -118,25 +120,38 @@ def _unwrap_checkpoint(obj, path: Path) -> dict[str, Tensor]:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
-def load_weights(model: nn.Module, path: PathLike) -> str:
-    """Loads a checkpoint into ``model``: by key names when they match exactly, otherwise in order.
+def load_weights(model: nn.Module, path: PathLike, feature_keys: Optional[set[str]] = None) -> str:
+    """Loads a checkpoint into ``model`` by key names when they match, otherwise in order.
 
-    In-order mapping (for checkpoints of the same network from another code base, e.g. the EfficientNet-Lite0
-    package) requires the same number of tensors and the same shape at every position; the first mismatch is named.
-    Returns ``"by name"`` or ``"in order"``.
+    - ``"by name"``: the checkpoint has exactly the model's tensor names (timm checkpoints; torchvision's ResNet).
+    - ``"by name, feature layers"``: the checkpoint names every tensor in ``feature_keys`` (the layers feature
+      extraction uses) but its classifier head differs, e.g. torchvision's VGG19 (``classifier.*`` Linear layers
+      where timm has ``pre_logits`` convolutions). Only the feature layers are loaded; the head stays random.
+    - ``"in order"``: for the same network from another code base (the EfficientNet-Lite0 package): the same number
+      of tensors and the same shape at every position.
+
+    Any shape mismatch raises a ValueError naming the tensor.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"load_weights: no checkpoint file {path}")
     source = _unwrap_checkpoint(torch.load(path, map_location="cpu", weights_only=True), path)
     target = model.state_dict()
+
+    def check_shapes(keys) -> None:
+        for key in keys:
+            if source[key].shape != target[key].shape:
+                raise ValueError(f"load_weights: {path}: tensor {key!r} has shape {list(source[key].shape)}, the "
+                                 f"model's has {list(target[key].shape)}")
+
     if set(source) == set(target):
-        for key, value in source.items():
-            if value.shape != target[key].shape:
-                raise ValueError(f"load_weights: {path}: tensor {key!r} has shape {list(value.shape)}, the model's "
-                                 f"has {list(target[key].shape)}")
+        check_shapes(target)
         model.load_state_dict(source)
         return "by name"
+    if feature_keys is not None and feature_keys <= set(source):
+        check_shapes(feature_keys)
+        model.load_state_dict({k: source[k] for k in feature_keys}, strict=False)
+        return "by name, feature layers"
     if len(source) != len(target):
         raise ValueError(f"load_weights: {path} has {len(source)} tensors with other names than the model's "
                          f"{len(target)} (e.g. {next(iter(source))!r} vs {next(iter(target))!r}); cannot map them")
@@ -156,8 +171,10 @@ def build_backbone(name: str = DEFAULT_BACKBONE, *, weights: Optional[PathLike] 
     """The backbone ``name`` (see :data:`BACKBONES`) in eval mode.
 
     Args:
-        weights: a checkpoint file (state dict, possibly under ``state_dict``/``model``). Defaults to the packaged
-            weights for ``efficientnet_lite0``; other backbones need it unless ``random_init``.
+        weights: a checkpoint file (state dict, possibly under ``state_dict``/``model``), loaded by
+            :func:`load_weights`: timm's own checkpoints, torchvision's ResNet-101 and VGG19 (feature layers), or
+            the same network in the same tensor order. Defaults to the packaged weights for ``efficientnet_lite0``;
+            other backbones need it unless ``random_init``.
         layout: ``"regions"`` ([R, D] per image) or ``"pooled"`` ([D]).
         random_init: allow random weights (tests, benchmarks that only time the network).
     """
@@ -175,5 +192,5 @@ def build_backbone(name: str = DEFAULT_BACKBONE, *, weights: Optional[PathLike] 
                          f"timm's {spec.timm_name!r}), or random_init=True for random weights")
     model = timm.create_model(spec.timm_name, pretrained=False)
     if weights is not None:
-        load_weights(model, weights)
+        load_weights(model, weights, {k for k in model.state_dict() if not k.startswith(spec.head_prefixes)})
     return Backbone(name, model, spec, layout).eval()

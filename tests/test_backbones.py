@@ -116,3 +116,20 @@ def test_build_backbone_errors():
     with pytest.raises(ValueError, match="layout"):
         build_backbone("efficientnet_lite0", layout="flat")
     assert set(BACKBONES) == {"vgg19", "resnet101", "tresnet_m", "efficientnet_lite0"}
+
+
+@pytest.mark.slow
+def test_torchvision_vgg19_checkpoint_gives_conv5_4(tmp_path):
+    """torchvision's VGG19 names its feature layers as timm does but has Linear classifier layers; the feature
+    layers load by name and the region maps are torchvision's conv5_4 (after ReLU)."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    tv = torchvision.models.vgg19(weights=None).eval()
+    torch.save(tv.state_dict(), tmp_path / "vgg19_tv.pth")
+    net = build_backbone("vgg19", weights=tmp_path / "vgg19_tv.pth", layout="regions")
+    x = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        want = tv.features[:36](x).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(net(x), want)
+    assert load_weights(timm.create_model("vgg19"), tmp_path / "vgg19_tv.pth",
+                        {k for k in net.model.state_dict() if k.startswith("features.")}) == "by name, feature layers"

@@ -32,7 +32,6 @@ image. Either way the file is skipped with a :class:`CorruptImageWarning` naming
 """
 from __future__ import annotations
 
-import io
 import os
 import warnings
 from collections import deque
