@@ -110,7 +110,7 @@ def _compact(out: Path, rows: int, dtype: torch.dtype, attrs: dict, block: int =
 
 
 def extract(images: PathLike, out: PathLike, *, backbone: str = DEFAULT_BACKBONE, weights: Optional[PathLike] = None,
-            layout: str = "regions", preset: Optional[str] = None, dtype: torch.dtype = torch.float16,
+            layout: str = "regions", preset: Union[str, img.Preprocess, None] = None, dtype: torch.dtype = torch.float16,
             batch_size: int = 32, threads: int = 2, loader: str = "auto", device: Optional[str] = None,
             resume: bool = False, mat_out: Optional[PathLike] = None, unlisted: str = "negative",
             label_names: Optional[Sequence[str]] = None, random_init: bool = False,
@@ -134,15 +134,17 @@ def extract(images: PathLike, out: PathLike, *, backbone: str = DEFAULT_BACKBONE
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if mat_out is not None and layout != "pooled":
         raise ValueError(f"extract: mat_out writes xlsa17's [D, N] features and needs layout='pooled', got {layout!r}")
+    if dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"extract: dtype must be torch.float16 or torch.float32, got {dtype}")
+    if out.exists() and not resume:
+        raise FileExistsError(f"extract: {out} already exists; pass resume=True (--resume) to continue it, or remove "
+                              f"it to start over")
     net = build_backbone(backbone, weights=weights, layout=layout, random_init=random_init).to(dev)
     prep = img.get_preset(preset or net.spec.preset)
     listing = img.image_set(images, unlisted=unlisted, label_names=label_names)
     summary = ExtractSummary(out=out, found=len(listing))
     attrs = {"backbone": backbone, "preset": prep.name, "source": str(Path(images).resolve())}
 
-    if out.exists() and not resume:
-        raise FileExistsError(f"extract: {out} already exists; pass resume=True (--resume) to continue it, or remove "
-                              f"it to start over")
     sidecar = _sidecar(out)
     if not resume and sidecar.exists() and not out.exists():
         sidecar.unlink()  # left by a run whose store was deleted since
@@ -195,7 +197,7 @@ def extract(images: PathLike, out: PathLike, *, backbone: str = DEFAULT_BACKBONE
             for batch, batch_items in img.load_batches(items, prep, loader=loader, batch_size=batch_size,
                                                        threads=threads, device=dev, on_skip=on_skip):
                 if batch_items:
-                    feats = net(batch).to("cpu", torch.float32 if dtype == torch.float32 else torch.float16)
+                    feats = net(batch).to("cpu", dtype)
                     positions = [it.position for it in batch_items]
                     writer.write(feats, listing.labels[positions] if listing.label_names else None,
                                  [listing.image_ids[i] for i in positions])

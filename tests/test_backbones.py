@@ -55,6 +55,7 @@ def test_pretrained_lite0_sees_a_cat_in_chelsea(lite0, loader):
     assert top5[0] in CAT_CLASSES  # and it is its first guess
 
 
+@pytest.mark.slow
 def test_lite0_regions_and_pooled(lite0):
     x = torch.randn(2, 3, 96, 96)
     regions = build_backbone("efficientnet_lite0", layout="regions")

@@ -214,6 +214,7 @@ def test_resume_after_killing_the_process(tmp_path, data_root):
     assert np.array_equal(a[0], b[0]) and a[2] == b[2] and a[4]["rows_written"] == b[4]["rows_written"] == n
 
 
+@pytest.mark.slow
 def test_mat_out_reads_back_through_the_xlsa17_loader(tmp_path, data_root):
     from pyzsl.data.xlsa17 import load_xlsa17
 
