@@ -57,6 +57,14 @@ def test_same_seed_same_run(tmp_path):
     assert c["H"] >= 0
 
 
+def test_training_does_not_depend_on_how_often_it_evaluates(tmp_path):
+    args = ["tfvaegan", "--selection", "last", "--epochs", "2", *TINY]
+    main(args + ["--out", str(tmp_path / "every"), "--eval-every", "1"])
+    main(args + ["--out", str(tmp_path / "end"), "--eval-every", "2"])
+    wa, wb = final_weights(run_dirs(tmp_path / "every")[0]), final_weights(run_dirs(tmp_path / "end")[0])
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 @pytest.mark.slow
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatch):
     """--selection val runs a validation stage then a test stage; an interruption inside the validation stage,

@@ -101,8 +101,9 @@ def gan_config(method: str, task: GZSLTask, config: Dict) -> GANConfig:
 # ------------------------------------------------------------------------------------------- final classifier
 
 def _linear(in_dim: int, out_dim: int, generator: torch.Generator, device) -> nn.Linear:
-    """nn.Linear with the published N(0, 0.02) initialisation drawn from ``generator``."""
-    layer = nn.Linear(in_dim, out_dim).to(device)
+    """nn.Linear with the published N(0, 0.02) initialisation drawn from ``generator`` only (skip_init: the default
+    initialisation would draw from the global generator and make training depend on how often it evaluates)."""
+    layer = torch.nn.utils.skip_init(nn.Linear, in_dim, out_dim, device=device)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(out_dim, in_dim, generator=generator) * 0.02)
         layer.bias.zero_()
