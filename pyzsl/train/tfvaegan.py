@@ -70,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> None:
     g.add_argument("--synthesis-dtype", choices=sorted(DTYPES),
                    help="compute dtype of evaluation-time synthesis (bf16 needs the op's bf16 path)")
     g.add_argument("--class-embedding", choices=("att", "sent"), help="xlsa17 class embedding (sent: CUB only)")
+    g.add_argument("--threads", type=int, help="torch CPU threads (synthetic-gzsl preset: 1, its 256-wide layers gain "
+                   "nothing from a second thread; otherwise torch's default)")
     g.add_argument("--eval-every", type=int, help="evaluate every N epochs with --selection last (default 1)")
 
 
@@ -342,6 +344,8 @@ def main(args: argparse.Namespace, method: str = "tfvaegan") -> Dict[str, float]
                          f"does not pay): run seeds or datasets as separate processes instead of under torchrun "
                          f"(WORLD_SIZE={os.environ['WORLD_SIZE']})")
     config = _config(args, method)
+    if config.get("threads"):
+        torch.set_num_threads(int(config["threads"]))
     cli = vars(args)
     if args.resume:
         return run_seed(method, config, args.resume, cli)

@@ -3,7 +3,9 @@
 TF-VAEGAN: akshitac8/tfvaegan ``scripts/run_*_tfvaegan.py`` (generative-gzsl-methods.md §1.9). f-CLSWGAN: the GZSL
 commands of Xian et al.'s release as reproduced in luca-rossi/grabzsl ``scripts/run_clswgan_*_gzsl.py`` (§2);
 ``awa2`` uses the published AWA (AWA1) settings. Every value here can be overridden by ``--config`` or a flag.
-``synthetic-gzsl`` is ours: 256-wide layers so a run takes a few minutes on 2 CPU cores.
+``synthetic-gzsl`` is ours: 256-wide layers so a run takes a few minutes on 2 CPU cores, on one thread (matrices
+this small gain nothing from a second thread, and on a busy machine OpenMP barrier waits made the 2-thread run over
+10x slower, measured).
 """
 
 # Settings shared by every dataset unless a preset overrides them.
@@ -13,7 +15,7 @@ TFVAEGAN_DEFAULTS = {
     "gamma_d": 10.0, "gamma_g": 10.0, "recons_weight": 0.01, "a1": 1.0, "a2": 1.0, "lr": 1e-4, "feed_lr": 1e-5,
     "dec_lr": 1e-4, "encoded_noise": True, "freeze_dec": False, "cls_weight": 0.0, "classifier_lr": 1e-3,
     "classifier_epochs": 25, "classifier_batch_size": None, "syn_num": 300, "epochs": 300, "calibration": 0.0,
-    "synthesis_dtype": "fp32", "split_seed": 0, "seeds": 1, "eval_every": 1,
+    "synthesis_dtype": "fp32", "split_seed": 0, "seeds": 1, "eval_every": 1, "threads": None,
     "pretrain_epochs": 50, "pretrain_batch_size": 100, "pretrain_lr": 1e-3,
 }
 
@@ -32,7 +34,7 @@ TFVAEGAN_PRESETS = {
             "encoded_noise": True, "freeze_dec": False},
     "synthetic-gzsl": {"seed": 0, "epochs": 10, "syn_num": 100, "hidden": 256, "critic_hidden": 256,
                        "encoder_hidden": 256, "lr": 2e-3, "feed_lr": 2e-4, "dec_lr": 2e-3, "a1": 0.5, "a2": 0.5,
-                       "classifier_lr": 1e-3, "classifier_epochs": 25},
+                       "classifier_lr": 1e-3, "classifier_epochs": 25, "threads": 1},
 }
 
 # f-CLSWGAN: no encoder, feedback or decoder; fixed lambda = 10; gamma 1; one pass per epoch.
@@ -44,7 +46,7 @@ CLSWGAN_PRESETS = {
     "sun": {"seed": 4115, "syn_num": 400, "epochs": 40, "lr": 2e-4, "classifier_lr": 1e-3, "cls_weight": 0.01},
     "awa2": {"seed": 9182, "syn_num": 1800, "epochs": 30, "lr": 1e-5, "classifier_lr": 1e-3, "cls_weight": 0.01},
     "synthetic-gzsl": {"seed": 0, "epochs": 20, "syn_num": 100, "hidden": 256, "critic_hidden": 256, "lr": 1e-3,
-                       "classifier_lr": 1e-3, "cls_weight": 0.1},
+                       "classifier_lr": 1e-3, "cls_weight": 0.1, "threads": 1},
 }
 
 
