@@ -20,9 +20,10 @@ def write_features(folder, splits: dict, num_classes: int, dim: int = 7, seed: i
     for key in ("trainval_loc", "test_seen_loc"):  # every seen class in both seen splits
         rows = splits[key].ravel() - 1
         labels[rows] = np.arange(rows.size) % (num_classes - num_unseen)
-    if "train_loc" in splits and "val_loc" in splits:  # train and val classes are class-disjoint parts of the seen classes
+    if "train_loc" in splits and "val_loc" in splits:  # class-disjoint train and val parts of the seen classes
         num_train = 2 * (num_classes - num_unseen) // 3
-        for key, first, count in (("train_loc", 0, num_train), ("val_loc", num_train, num_classes - num_unseen - num_train)):
+        parts = (("train_loc", 0, num_train), ("val_loc", num_train, num_classes - num_unseen - num_train))
+        for key, first, count in parts:
             rows = splits[key].ravel() - 1
             labels[rows] = first + np.arange(rows.size) % count
     labels[unseen_rows] = num_classes - num_unseen + np.arange(unseen_rows.size) % num_unseen
@@ -74,8 +75,8 @@ def test_awa2_validation_task_uses_train_val_locations(data_root, tmp_path):
     assert torch.equal(task.class_ids[task.num_seen:], val_classes)
     assert not torch.isin(task.class_ids, data.unseen_classes).any()  # the test-unseen classes never appear
     # no test image enters the validation task (xlsa17's train_loc/val_loc also hold test_seen images)
-    n_trainval_rows = task.train_features.shape[0] + task.test_seen_features.shape[0] + task.test_unseen_features.shape[0]
-    assert n_trainval_rows == data.trainval.numel()
+    rows = task.train_features.shape[0] + task.test_seen_features.shape[0] + task.test_unseen_features.shape[0]
+    assert rows == data.trainval.numel()
 
 
 def test_cub_without_train_val_falls_back_with_a_warning(data_root, tmp_path):

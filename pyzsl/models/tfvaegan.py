@@ -26,7 +26,6 @@ three weight-gradient products fused into one (the critic is linear -> LeakyReLU
 ``dD/dx = (w2 * lrelu'(pre)) W1x`` and the penalty's gradient follows by the chain rule; the LeakyReLU derivative
 is piecewise constant, so the terms autograd adds through it are exactly zero).
 """
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
@@ -204,7 +203,8 @@ class TFVAEGAN(nn.Module):
     @torch.no_grad()
     def synthesize(self, attributes: Tensor, num_per_class: int, *, alpha: Optional[float] = None,
                    generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
-                   chunk_size: Optional[int] = None, compute_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+                   chunk_size: Optional[int] = None,
+                   compute_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
         """``num_per_class`` features for every row of ``attributes`` [K, A] in one batched call.
 
         Returns (features [K * num_per_class, X] float32, class index [K * num_per_class] in [0, K)). Noise is
@@ -469,7 +469,8 @@ class PublishedLoop:
         self.opt_e = torch.optim.Adam(model.encoder.parameters(), lr=c.lr) if model.encoder is not None else None
         self.opt_g = torch.optim.Adam(model.generator.parameters(), lr=c.lr, betas=betas)
         self.opt_d = torch.optim.Adam(model.critic.parameters(), lr=c.lr, betas=betas)
-        self.opt_f = torch.optim.Adam(model.feedback.parameters(), lr=c.feed_lr, betas=betas) if model.feedback else None
+        self.opt_f = (torch.optim.Adam(model.feedback.parameters(), lr=c.feed_lr, betas=betas)
+                      if model.feedback else None)
         self.opt_dec = torch.optim.Adam(model.decoder.parameters(), lr=c.dec_lr, betas=betas) if model.decoder else None
         self.lambda1 = float(c.lambda1)
 
