@@ -17,6 +17,15 @@ CONFIGS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These matrices are tiny: one thread avoids OpenMP barrier stalls on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def float64_default():
     previous = torch.get_default_dtype()
