@@ -100,8 +100,9 @@ def check(batch: int) -> dict:
         raise AssertionError(f"pyzsl's step differs from the published loop in float64: {out['float64']}")
     if out["float32"][0] > 1e-4:
         raise AssertionError(f"pyzsl's losses differ from the published loop in float32: {out['float32']}")
-    print("  (float32 weights: Adam moves a weight by up to lr = 1e-4 per step whatever the gradient's size, so an "
-          "entry whose gradient is zero up to rounding can differ by up to 2 lr per step)")
+    print("  (float32 weights: Adam's first steps move a weight by about lr = 1e-4 whatever the gradient's size, so "
+          "an entry whose gradient is zero up to rounding can differ by up to 2 lr per optimizer step; the critic "
+          "takes 5 steps per generator step)")
     return out
 
 
