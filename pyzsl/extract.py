@@ -110,7 +110,8 @@ def _compact(out: Path, rows: int, dtype: torch.dtype, attrs: dict, block: int =
 
 
 def extract(images: PathLike, out: PathLike, *, backbone: str = DEFAULT_BACKBONE, weights: Optional[PathLike] = None,
-            layout: str = "regions", preset: Union[str, img.Preprocess, None] = None, dtype: torch.dtype = torch.float16,
+            layout: str = "regions", preset: Union[str, img.Preprocess, None] = None,
+            dtype: torch.dtype = torch.float16,
             batch_size: int = 32, threads: int = 2, loader: str = "auto", device: Optional[str] = None,
             resume: bool = False, mat_out: Optional[PathLike] = None, unlisted: str = "negative",
             label_names: Optional[Sequence[str]] = None, random_init: bool = False,
