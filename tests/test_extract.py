@@ -93,7 +93,8 @@ def test_pil_loader_gives_the_same_features(tmp_path, data_root):
 
     The two inputs agree within 1 pixel level (tests/test_images.py), but EfficientNet-Lite0's region maps are
     sensitive to that: measured on the 20 CUB crops, cosine similarities of 0.994-0.9997 per image. The yardstick is
-    therefore the network itself: the same DALI input with random +-1-level noise on as many values as DALI and PIL disagree on.
+    therefore the network itself: the same DALI input with random +-1-level noise on as many values as DALI and PIL
+    disagree on.
     """
     tree = _cub_tree(tmp_path / "cub", data_root, bad=False, species=2)
     kw = dict(layout="regions", dtype=torch.float32, batch_size=8, threads=1, progress=False)
