@@ -26,7 +26,7 @@ three weight-gradient products fused into one (the critic is linear -> LeakyReLU
 ``dD/dx = (w2 * lrelu'(pre)) W1x`` and the penalty's gradient follows by the chain rule; the LeakyReLU derivative
 is piecewise constant, so the terms autograd adds through it are exactly zero).
 """
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -90,9 +90,6 @@ class GANConfig:
     @property
     def latent_dim(self) -> int:
         return self.attribute_dim
-
-    def to_dict(self) -> Dict:
-        return asdict(self)
 
 
 def clswgan_config(feature_dim: int, attribute_dim: int, **overrides) -> GANConfig:
@@ -270,7 +267,6 @@ class StepLosses:
     recons: float = 0.0
     cls: float = 0.0
     lambda1: float = 0.0
-    extra: Dict[str, float] = field(default_factory=dict)
 
 
 class GANTrainer:
