@@ -21,7 +21,6 @@ with (seed, epoch), so how often a run evaluates never changes its training traj
 the uninterrupted one exactly (CPU). ``--seeds N`` runs seeds seed, seed+1, ... and prints mean ± sample std.
 """
 import argparse
-import json
 import math
 import os
 import statistics
@@ -328,7 +327,7 @@ def run_seed(method: str, config: Dict, resume: Optional[str], cli: Dict) -> Dic
     results["model_selection"] = description
     if run.is_main:
         _print_result(method, config, results, description)
-        (run.dir / "results.json").write_text(json.dumps(results, indent=2))
+        run.save_results(results)
     run.close()
     return results
 
