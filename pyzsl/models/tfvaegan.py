@@ -294,7 +294,7 @@ class GANTrainer:
         self.opt_f = adam(model.feedback.parameters(), lr=c.feed_lr, betas=betas) if model.feedback else None
         self.opt_dec = adam(model.decoder.parameters(), lr=c.dec_lr, betas=betas) if model.decoder else None
         self.lambda1 = float(c.lambda1)
-        self._buffers: Dict[int, Tensor] = {}
+        self._buffers: Dict[str, Tensor] = {}
 
     def optimizers(self) -> Dict[str, torch.optim.Optimizer]:
         named = {"e": self.opt_e, "g": self.opt_g, "d": self.opt_d, "f": self.opt_f, "dec": self.opt_dec}
@@ -318,10 +318,12 @@ class GANTrainer:
         self.opt_dec.step()
         return float(loss.detach())
 
-    def _grad_buffer(self, param: Tensor) -> Tensor:
-        buffer = self._buffers.get(id(param))
-        if buffer is None:
-            buffer = self._buffers[id(param)] = torch.empty_like(param)
+    def _buffer(self, key: str, shape: Tuple[int, ...], like: Tensor) -> Tensor:
+        """A zero-initialised work buffer kept across steps: no per-step allocation (and page faults) of large
+        tensors, and parts that stay zero are written once."""
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape != shape or buffer.dtype != like.dtype or buffer.device != like.device:
+            buffer = self._buffers[key] = like.new_zeros(shape)
         return buffer
 
     def _critic_gradients(self, x: Tensor, fake: Tensor, a: Tensor, alpha: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -334,27 +336,35 @@ class GANTrainer:
         w2, b2 = critic.fc2.weight.view(-1), critic.fc2.bias
         batch, xdim = x.shape
         w1x, w1a = w1[:, :xdim], w1[:, xdim:]
-        interp = alpha * x + (1 - alpha) * fake
-        rows = torch.cat([x, fake, interp])                                           # [3B, X]
-        pre = (rows @ w1x.t()).view(3, batch, -1).add_(torch.addmm(b1, a, w1a.t()))  # [3, B, ndh]
+        # rows = [x | a; fake | a; interp | 0]: the critic's three inputs, later [.. ; r | 0] for the W1 gradient.
+        rows = self._buffer("rows", (3 * batch, w1.shape[1]), x)
+        rows[:batch, :xdim] = x
+        rows[batch:2 * batch, :xdim] = fake
+        rows[:batch, xdim:] = a
+        rows[batch:2 * batch, xdim:] = a
+        torch.mul(alpha, x, out=rows[2 * batch:, :xdim]).add_((1 - alpha) * fake)
+        pre = (rows[:, :xdim] @ w1x.t()).view(3, batch, -1).add_(torch.addmm(b1, a, w1a.t()))  # [3, B, ndh]
         slope = torch.where(pre > 0, 1.0, SLOPE)
         hidden = pre.mul_(slope)                                                     # LeakyReLU, in place
         scores = hidden @ w2 + b2                                                    # [3, B]
-        u = slope[2] * w2                                                            # dD/dhidden_pre, interp rows
+        gd, lam = c.gamma_d, self.lambda1
+        coef = gd / batch
+        # left = [dLoss/dpre of real rows; of fake rows; u = dD/dpre of interp rows] = slope * w2 * (-coef, coef, 1)
+        left = torch.mul(slope.view(3 * batch, -1), w2)
+        left[:batch].mul_(-coef)
+        left[batch:2 * batch].mul_(coef)
+        u = left[2 * batch:]
         grad = u @ w1x                                                               # dD/dx at interp [B, X]
         norm = grad.norm(dim=1)
         gp = ((norm - 1) ** 2).mean()
-        gd, lam = c.gamma_d, self.lambda1
-        r = grad * (gd * lam * 2.0 / batch * (norm - 1) / norm).unsqueeze(1)          # dLoss/dgrad [B, X]
-        coef = gd / batch
-        dpre = torch.stack([slope[0] * (-coef * w2), slope[1] * (coef * w2)])         # dLoss/dpre, real and fake
+        r = torch.mul(grad, (gd * lam * 2.0 / batch * (norm - 1) / norm).unsqueeze(1),  # dLoss/dgrad [B, X]
+                      out=rows[2 * batch:, :xdim])
         # One product for the three contributions to W1 = [W1x | W1a]: real rows [x | a], fake rows [fake | a] and
-        # the penalty's u^T [r | 0], written into a buffer kept across steps (no 40 MB allocation per step).
-        right = torch.cat([torch.cat([x, fake, r]), torch.cat([a, a, torch.zeros_like(a)])], 1)
-        grad_w1 = self._grad_buffer(critic.fc1.weight)
-        torch.mm(torch.cat([dpre.view(2 * batch, -1), u]).t(), right, out=grad_w1)
+        # the penalty's u^T [r | 0], written into a buffer kept across steps.
+        grad_w1 = self._buffer("grad_w1", tuple(w1.shape), w1)
+        torch.mm(left.t(), rows, out=grad_w1)
         critic.fc1.weight.grad = grad_w1
-        critic.fc1.bias.grad = (dpre[0] + dpre[1]).sum(0)
+        critic.fc1.bias.grad = left[:2 * batch].sum(0)
         grad_w2 = -coef * hidden[0].sum(0) + coef * hidden[1].sum(0) + (slope[2] * (r @ w1x.t())).sum(0)
         critic.fc2.weight.grad = grad_w2.view(1, -1)
         critic.fc2.bias.grad = torch.zeros_like(b2)  # -gD/B and +gD/B summed over B rows cancel exactly
