@@ -12,6 +12,7 @@
 //
 // Types: acc_t (float or double) is the input/output type; low_t (acc_t, BFloat16 or Half) is the GEMM operand and
 // activation storage type.
+
 // no-trapping-math (it concerns floating-point exception flags only, never values) lets GCC if-convert the
 // clamps and selects of the epilogues' exp so that they vectorise. It must precede the headers: the std::min/max
 // instantiated with trapping math would keep their comparisons as branches.
