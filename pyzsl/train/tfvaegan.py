@@ -250,9 +250,11 @@ def _eval_generator(seed: int, stage: str, epoch: int) -> torch.Generator:
 
 def run_seed(method: str, config: Dict, resume: Optional[str], cli: Dict) -> Dict[str, float]:
     """One seed: the stages its selection needs, a CSV row and a checkpoint per epoch, the selected metrics."""
+    load = lambda c: load_dataset(c["dataset"], c["data_root"], class_embedding=c["class_embedding"])  # noqa: E731
+    data = None if resume else load(config)  # a missing dataset fails before a run folder is made
     run = Run(config, method, resume=resume, cli_overrides=cli)
     config = run.config
-    data = load_dataset(config["dataset"], config["data_root"], class_embedding=config["class_embedding"])
+    data = data if data is not None else load(config)
     selection, seed, epochs = config["selection"], config["seed"], config["epochs"]
     selector = Selector(selection)
     state = run.load_checkpoint() if resume else None
