@@ -128,3 +128,27 @@ def test_clswgan_seeds_mean_and_std(tmp_path, capsys):
 def test_bad_dataset_name(tmp_path):
     with pytest.raises(ValueError, match="--dataset must be one of"):
         main(["tfvaegan", "--dataset", "imagenet", "--out", str(tmp_path)])
+
+
+def test_calibrated_stacking_moves_predictions_to_unseen_classes():
+    from pyzsl.data.xlsa17 import make_synthetic_gzsl
+    from pyzsl.train.presets.gzsl import preset
+    config = {**preset("tfvaegan", "synthetic-gzsl"), "hidden": 32, "critic_hidden": 32, "encoder_hidden": 32,
+              "syn_num": 20, "classifier_epochs": 2, "device": "cpu", "backend": "auto", "no_progress": True}
+    task = make_synthetic_gzsl().test_task()
+    torch.manual_seed(0)
+    stage = trainer.Stage("tfvaegan", task, config)
+    plain = trainer.evaluate(stage.model, task, config, torch.Generator().manual_seed(1), best_on_test=False)
+    shifted = trainer.evaluate(stage.model, task, {**config, "calibration": 1e4}, torch.Generator().manual_seed(1),
+                               best_on_test=False)
+    assert plain["S"] > 0.5  # real seen features are easy to classify
+    assert shifted["S"] == 0.0 and shifted["U"] >= plain["U"]  # every sample now goes to an unseen class
+    assert shifted["T1"] == plain["T1"]  # ZSL has no seen classes to calibrate
+
+
+def test_generic_hdf5_dataset_from_the_command_line(tmp_path):
+    from pyzsl.data.xlsa17 import make_synthetic_gzsl, save_hdf5
+    save_hdf5(make_synthetic_gzsl(num_seen=12, num_unseen=4, train_per_class=20), tmp_path / "mine.h5")
+    result = main(["tfvaegan", "--dataset", str(tmp_path / "mine.h5"), "--selection", "val", "--epochs", "1", *TINY,
+                   "--out", str(tmp_path / "runs")])
+    assert 0.0 <= result["H"] <= 1.0 and result["selected_epoch"] == 1
