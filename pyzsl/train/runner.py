@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 SELECTIONS = ("val", "last", "parity")
 # Flags a resumed run may change; everything else must come from the run's own config.yaml.
-RESUMABLE_OVERRIDES = ("epochs", "no_progress", "num_workers")
+RESUMABLE_OVERRIDES = ("epochs", "no_progress", "num_workers", "threads")
 # Command-line entries that are not options of the run itself.
 NOT_OPTIONS = ("config", "resume", "method")
 
