@@ -28,7 +28,6 @@ if TRITON_AVAILABLE:
 
 # Epilogues of _gemm_kernel.
 _PLAIN, _LRELU, _SIGMOID, _FEEDBACK, _MASK, _SPLIT = range(6)
-_SLOPE = 0.2
 _MAX_BLOCK_MN = 64
 _MAX_BLOCK_K = 32
 

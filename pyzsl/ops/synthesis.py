@@ -32,8 +32,6 @@ COMPUTE_DTYPES = (torch.bfloat16, torch.float16)
 
 _IMPLEMENTED = ("reference", "cpp", "triton")
 _WEIGHTS = ("gen_w1", "gen_b1", "gen_w3", "gen_b3", "dec_w1", "dec_b1", "fb_w1", "fb_b1", "fb_w2", "fb_b2")
-# Inputs that receive gradients: the decoder is behind the detached hidden state.
-_DIFFERENTIABLE = ("noise", "attributes", "gen_w1", "gen_b1", "gen_w3", "gen_b3", "fb_w1", "fb_b1", "fb_w2", "fb_b2")
 
 
 def feedback_synthesis(
