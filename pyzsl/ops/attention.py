@@ -71,11 +71,13 @@ def shared_multi_attention(
         raise ValueError(f"{op}: expected w1 [{D + 1}, H], w2 [H + 1, M], classifiers [L, {D}] for features "
                          f"[B, R, {D}]; got w1 {list(w1.shape)}, w2 {list(w2.shape)}, classifiers "
                          f"{list(classifiers.shape)}")
-    ones = features.new_ones(B, R, 1)
-    augmented = torch.cat([features, ones], dim=2)                          # [B, R, D + 1]
-    hidden = torch.cat([torch.tanh(augmented @ w1), ones], dim=2)          # [B, R, H + 1]
-    attention_logits = (hidden @ w2).transpose(1, 2)                       # [B, M, R]
-    attended = torch.softmax(attention_logits, dim=2) @ augmented          # [B, M, D + 1]
+    # The appended ones become bias rows (w1[D], w2[H]): GEMMs with K = D and H, not D + 1 and H + 1, which run
+    # markedly faster, and no concatenated copies. The ones column of the attended features is the softmax's sum.
+    H, M = w1.shape[1], w2.shape[1]
+    hidden = torch.tanh(torch.addmm(w1[D], features.reshape(B * R, D), w1[:D]))       # [B R, H]
+    attention_logits = torch.addmm(w2[H], hidden, w2[:H]).view(B, R, M).transpose(1, 2)  # [B, M, R]
+    alpha = torch.softmax(attention_logits, dim=2)
+    attended = torch.cat([alpha @ features, alpha.sum(2, keepdim=True)], dim=2)        # [B, M, D + 1]
     scores, head = head_max_scores(attended[:, :, :D], classifiers, backend=backend)
     return SharedAttention(scores, head, attended, attention_logits)
 
