@@ -148,7 +148,7 @@ def main(argv=None) -> dict:
         r = results[name]
         print(f"{name:<28} {ref:12.3f} {mine:9.3f} {r['ratio']:5.2f}x {r['published_gflops']:12.1f} "
               f"{r['pyzsl_gflops']:14.1f}", flush=True)
-    print(f"(GFLOP per step: " + ", ".join(f"{k}: {v['gflop']:.1f}" for k, v in results.items()) +
+    print("(GFLOP per step: " + ", ".join(f"{k}: {v['gflop']:.1f}" for k, v in results.items()) +
           f"; load average after: {open('/proc/loadavg').read().split()[:3]})")
     _append_csv(results, args)
     return results

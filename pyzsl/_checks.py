@@ -78,3 +78,12 @@ def check_index_list(indices, size: int, name: str, op: str) -> Tensor:
     if t.unique().numel() != t.numel():
         raise ValueError(f"{op}: {name} contains duplicate indices")
     return t
+
+
+def check_distinct(names: Sequence, what: str, where: str) -> None:
+    """``names`` has no repeats; the error names the first repeated value and both positions."""
+    first = {}
+    for i, name in enumerate(names):
+        if name in first:
+            raise ValueError(f"{where}: {what} must be distinct, {name!r} appears at positions {first[name]} and {i}")
+        first[name] = i

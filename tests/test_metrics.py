@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, balanced_accuracy_score
 
 from pyzsl._backend import available_backends
-from pyzsl.metrics import (PROTOCOLS, gzsl_accuracy, multilabel_average_precision, multilabel_evaluation,
+from pyzsl.metrics import (gzsl_accuracy, multilabel_average_precision, multilabel_evaluation,
                            multilabel_topk, zsl_accuracy)
 from pyzsl.metrics import _reference
 
@@ -651,7 +651,7 @@ def test_cuda_backend_on_cpu_tensors_lists_the_available_backends():
     scores, targets = make_inputs(5, 4, seed=18)
     available = available_backends("cpu")
     assert "cuda" not in available and {"reference", "cpp"} <= set(available)
-    with _raises(f"backend='cuda' cannot run here") as error:
+    with _raises("backend='cuda' cannot run here") as error:
         multilabel_average_precision(scores, targets, backend="cuda")
     assert f"Available for cpu tensors: {available}" in str(error.value)
     assert "multilabel_average_precision" in str(error.value)

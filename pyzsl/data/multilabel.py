@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .._checks import check_distinct
 from .store import FeatureStore
 
 DATASETS = ("synthetic", "nus-wide", "openimages")
@@ -87,7 +88,7 @@ class MultilabelZSLData:
             raise ValueError(f"{where}: seen vectors are {self.seen_vectors.shape[1]}-d, unseen vectors "
                              f"{self.unseen_vectors.shape[1]}-d")
         keys = (self.unseen_ids or self.unseen_names) + (self.seen_ids or self.seen_names)
-        _check_distinct(keys, "the unseen and seen labels", where)
+        check_distinct(keys, "the unseen and seen labels", where)
 
     @property
     def gzsl_names(self) -> list[str]:
@@ -123,14 +124,6 @@ def resolve_data_root(data_root: str | Path | None) -> Path:
     if not root.is_dir():
         raise FileNotFoundError(f"data root {root} is not a directory")
     return root
-
-
-def _check_distinct(names: Sequence[str], what: str, where: str) -> None:
-    first: dict[str, int] = {}
-    for i, n in enumerate(names):
-        if n in first:
-            raise ValueError(f"{where}: {what} must be distinct, {n!r} appears at positions {first[n]} and {i}")
-        first[n] = i
 
 
 def _required(path: Path, what: str) -> Path:
@@ -174,8 +167,8 @@ def nus_wide_labels(root: str | Path) -> tuple[list[str], list[str], torch.Tenso
     where = "NUS-WIDE"
     tags = _read_lines(_required(d / "TagList1k.txt", where))
     concepts = _read_lines(_required(d / "Concepts81.txt", where))
-    _check_distinct(tags, "TagList1k.txt tags", where)
-    _check_distinct(concepts, "Concepts81.txt concepts", where)
+    check_distinct(tags, "TagList1k.txt tags", where)
+    check_distinct(concepts, "Concepts81.txt concepts", where)
     vecs = _load_pickle(_required(d / NUS_WIDE_VECTORS, where))
     if not isinstance(vecs, (list, tuple)) or len(vecs) != 2:
         raise ValueError(f"{where}: {d / NUS_WIDE_VECTORS} must hold [vecs_1k, vecs_81], got {type(vecs).__name__}")
@@ -248,12 +241,12 @@ def open_images_labels(root: str | Path, *, word_vectors: str | Path | None = No
     d = Path(root) / "openimages"
     where = "Open Images"
     seen_ids = _read_lines(_required(d / "classes-trainable.txt", where))
-    _check_distinct(seen_ids, "classes-trainable.txt MIDs", where)
+    check_distinct(seen_ids, "classes-trainable.txt MIDs", where)
     all_unseen = np.asarray(_load_pickle(_required(d / "unseen_labels.pkl", where)), dtype=object)
     if all_unseen.ndim != 1:
         raise ValueError(f"{where}: unseen_labels.pkl must be a 1-D array of MIDs, got shape {list(all_unseen.shape)}")
     all_unseen_ids = [str(m) for m in all_unseen]
-    _check_distinct(all_unseen_ids, "unseen_labels.pkl MIDs", where)
+    check_distinct(all_unseen_ids, "unseen_labels.pkl MIDs", where)
     top = _read_lines(_required(d / "top_400_unseen.csv", where))
     try:
         top_idx = [int(x.split(",")[0]) for x in top]
@@ -263,7 +256,7 @@ def open_images_labels(root: str | Path, *, word_vectors: str | Path | None = No
     if bad:
         raise ValueError(f"{where}: top_400_unseen.csv indices must lie in [0, {len(all_unseen_ids)}) (the MIDs of "
                          f"unseen_labels.pkl), got {bad[:10]}")
-    _check_distinct([str(i) for i in top_idx], "top_400_unseen.csv indices", where)
+    check_distinct([str(i) for i in top_idx], "top_400_unseen.csv indices", where)
     unseen_ids = [all_unseen_ids[i] for i in top_idx]
     overlap = sorted(set(unseen_ids) & set(seen_ids))
     if overlap:

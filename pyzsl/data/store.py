@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from .._checks import check_distinct
+
 FORMAT_VERSION = 1
 LAYOUTS = ("regions", "pooled")
 REQUIRED_KEYS = ("features", "labels", "label_names", "image_ids")
@@ -63,16 +65,8 @@ def _check_label_names(label_names, where: str) -> list[str]:
     for i, name in enumerate(names):
         if not isinstance(name, str):
             raise TypeError(f"{where}: label_names[{i}] must be a str, got {type(name).__name__} {name!r}")
-    _check_unique(names, "label_names", where)
+    check_distinct(names, "label_names", where)
     return names
-
-
-def _check_unique(names: Sequence[str], what: str, where: str) -> None:
-    seen: dict[str, int] = {}
-    for i, name in enumerate(names):
-        if name in seen:
-            raise ValueError(f"{where}: {what} must be distinct, {name!r} appears at positions {seen[name]} and {i}")
-        seen[name] = i
 
 
 def _as_numpy(x, name: str, where: str) -> np.ndarray:
@@ -367,7 +361,7 @@ class FeatureStore(torch.utils.data.Dataset):
         if names.shape[0] != labels.shape[1]:
             raise ValueError(f"{where}: label_names has {names.shape[0]} names but labels has {labels.shape[1]} "
                              f"columns")
-        _check_unique(list(names.asstr()[()]), "label_names", where)
+        check_distinct(list(names.asstr()[()]), "label_names", where)
         written = int(f.attrs["rows_written"])
         if written < n:
             raise ValueError(f"{where}: incomplete extraction, rows_written = {written} of {n} rows; resume the "
@@ -418,7 +412,7 @@ class FeatureStore(torch.utils.data.Dataset):
         L = len(self.all_label_names)
         where = f"FeatureStore({self.path})"
         if all(isinstance(c, str) for c in cols):
-            _check_unique(cols, "label_columns", where)
+            check_distinct(cols, "label_columns", where)
             index = {name: i for i, name in enumerate(self.all_label_names)}
             missing = [c for c in cols if c not in index]
             if missing:

@@ -23,7 +23,7 @@ denominators give NaN (nothing to measure), except F1 = 0 when P = R = 0.
 Single-label (GZSL): per-class mean top-1 accuracy; ``H = 2SU / (S + U)``.
 """
 from dataclasses import dataclass
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor

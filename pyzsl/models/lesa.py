@@ -8,9 +8,8 @@ decays when the EMA of the validation F1 falls.
 
 Label sets: ``"seen"`` (training), ``"unseen"`` (ZSL) and ``"all"`` (GZSL, **unseen first**, as published).
 """
-import math
 from dataclasses import dataclass
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
