@@ -48,3 +48,12 @@ def data_root() -> Path:
         source = "PYZSL_DATA" if configured else "the default ../shared/data (set PYZSL_DATA to override)"
         pytest.skip(f"shared data directory {root} not found ({source})")
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: tiny matrices on a busy 2-core machine run far faster without OpenMP barrier stalls."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

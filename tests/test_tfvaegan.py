@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from pyzsl.models.tfvaegan import (GANConfig, GANTrainer, PublishedLoop, TFVAEGAN, clswgan_config, vae_loss,
                                    weighted_l1)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest
+
 SMALL = dict(hidden=32, critic_hidden=24, encoder_hidden=28, batch_size=16)
 CONFIGS = {
     "tfvaegan": lambda: GANConfig(40, 12, **SMALL),
@@ -16,14 +18,6 @@ CONFIGS = {
     "clswgan": lambda: clswgan_config(40, 12, hidden=32, critic_hidden=24, batch_size=16),
 }
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These matrices are tiny: one thread avoids OpenMP barrier stalls on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture

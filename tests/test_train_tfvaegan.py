@@ -9,18 +9,11 @@ import torch
 from pyzsl.train.__main__ import main
 from pyzsl.train import tfvaegan as trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest
+
 # Tiny layers and big batches keep these runs to seconds; the preset (256-wide) is used for the quality test.
 TINY = ["--hidden", "64", "--critic-hidden", "64", "--batch-size", "128", "--syn-num", "40", "--classifier-epochs", "5",
         "--no-progress"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matrices on a shared 2-core machine run far faster on one thread (no OpenMP barrier stalls)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def run_dirs(out):
