@@ -6,6 +6,7 @@ entries each protocol keeps), a loop-based Python top-K written from the formula
 against the pure-PyTorch reference on awkward shapes, every score dtype, non-contiguous inputs, and by Hypothesis.
 """
 import math
+import os
 import re
 import subprocess
 import sys
@@ -415,10 +416,37 @@ def test_cpp_ops_infinite_scores_in_subprocess():
     run_isolated(code)
 
 
-def run_isolated(code):
+@needs_cpp
+def test_cpp_ap_portable_path_in_subprocess():
+    """PYZSL_NO_AVX512=1 makes the AP kernel take its portable loops; they must agree with the reference too."""
+    code = textwrap.dedent("""
+        import torch
+        import pyzsl.metrics
+        from pyzsl.metrics import _reference
+        from _inputs import make_inputs
+        for seed, (N, L, tied) in enumerate([(1, 1, True), (37, 13, True), (300, 70, False), (8192 + 5, 3, True),
+                                              (50, 33, False)]):
+            for dtype in (torch.float32, torch.float16, torch.float64):
+                scores, targets = make_inputs(N, L, seed=seed, dtype=dtype, tied=tied)
+                row_mask = torch.rand(N, generator=torch.Generator().manual_seed(seed)) > 0.3
+                for mask in (None, row_mask):
+                    for flag in (False, True):
+                        ap, num_positives = torch.ops.pyzsl.multilabel_ap(scores, targets, mask, flag)
+                        ref_ap, ref_positives = _reference.multilabel_ap(scores, targets, mask, flag)
+                        assert torch.equal(num_positives, ref_positives), (seed, dtype)
+                        torch.testing.assert_close(ap, ref_ap, atol=1e-12, rtol=0, msg=f"{seed} {dtype} {flag}")
+        print("ok")
+    """)
+    run_isolated(code, env={"PYZSL_NO_AVX512": "1"})
+
+
+def run_isolated(code, env=None):
     """Runs ``code`` in a fresh interpreter from the repository root; it must print "ok" and exit cleanly."""
+    tests = Path(__file__).resolve().parent
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tests), os.environ.get("PYTHONPATH")])),
+                   **(env or {})}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parent.parent)
+                          cwd=tests.parent, env=environment)
     assert done.returncode == 0 and done.stdout.strip() == "ok", (
         f"exit status {done.returncode} (-11 is a segmentation fault)\n{done.stdout}\n{done.stderr[-3000:]}")
 

@@ -4,12 +4,15 @@
 // score at least p. So per label we sort its P positives, drop every other annotated entry into the bucket
 // "how many positives are <= its score", and suffix sums over the buckets give each positive its count:
 // O(N + P log P) work per label and no copy of the score matrix.
-//   1. A row-major scan of the targets gathers each label's positive scores (CSR over labels).
-//   2. Each label gets a table of G ~ 2P equal-width bins over [min positive, max positive] that gives, per bin, how
+//   1. A row-major scan of the targets gathers each label's positive scores (CSR over labels); the scores of a
+//      batch of positives are prefetched together, so their scattered cache lines arrive in parallel.
+//   2. Each label gets a table of G ~ 2P equal-width bins over [lowest, highest positive] that gives, per bin, how
 //      many positives lie in lower bins. The bin function is monotone, so a score's bucket is that count plus a
-//      comparison with the (usually zero, one or two) positives of its own bin: exact, and branch-free.
-//   3. Threads own contiguous label ranges and read the rows in tiles; a tile's scores are copied out per label into
-//      a small buffer so that each label's table stays in L1 while its scores are counted.
+//      comparison with the positives of its own bin (usually none to three, compared without branches): exact.
+//   3. Each thread owns a range of labels and reads its part of the rows in order, a tile at a time, copying the
+//      tile column by column into a buffer (entries that take no part become NaN); then each label's run of the
+//      buffer is classified 16 scores at a time (AVX-512 where the CPU has it) into below / inside / above the
+//      positives' range, and only the scores inside go through the label's table, which is hot in cache.
 //
 // multilabel_topk_hits keeps, per row, a sorted buffer of the k best (score, index) pairs in one pass, skipping
 // whole chunks of the row that cannot beat the current k-th best.
@@ -21,21 +24,30 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
 #include "../checks.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define PYZSL_X86_SIMD 1
+#endif
+
 namespace pyzsl {
 namespace {
 
-constexpr int64_t kMinLabelBlock = 16;
-// Rows per tile: enough that reloading a label's table per tile is cheap, few enough that the tile buffer (about
-// kTileElements scores per thread) stays small.
-constexpr int64_t kMinRowTile = 256;
-constexpr int64_t kMaxRowTile = 8192;
-constexpr int64_t kTileElements = 1 << 22;
+// The AP pass: a thread's tile of rows is copied into a column buffer of about kTileElements scores; its label
+// range is at least kMinLabelSpan wide.
+constexpr int64_t kMinLabelSpan = 16;
+constexpr int64_t kTileElements = 1 << 23;
+constexpr int64_t kMinTileRows = 256;
+constexpr int64_t kMaxTileRows = 8192;
+constexpr int32_t kInBinCompares = 3;  // positives of a score's bin compared without branches
+constexpr int64_t kGatherBatch = 256;    // positives whose scores are prefetched before any is read
 constexpr int64_t kMaxBins = 1 << 16;
 constexpr int64_t kBinsPerPositive = 2;
 constexpr int64_t kTopkChunk = 32;
@@ -69,24 +81,36 @@ PositivesByLabel<T> gather_positives(const scalar_t* scores, const int8_t* targe
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, N));
   const int64_t rows_per_chunk = (N + chunks - 1) / chunks;
   std::vector<std::vector<Hit>> hits(chunks);
-  // One row-major scan; positives are sparse, so eight targets are skipped at a time.
+  // One row-major scan; positives are sparse, so eight targets are skipped at a time. Their scores are scattered
+  // over the rows' cache lines: each is prefetched when found and read once kGatherBatch more have been found.
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<std::pair<int32_t, int64_t>> pending;  // (label, flat index) of positives not read yet
+    pending.reserve(kGatherBatch);
     for (int64_t c = c0; c < c1; ++c) {
+      auto flush = [&] {
+        for (const auto& [label, index] : pending) hits[c].push_back({label, static_cast<T>(scores[index])});
+        pending.clear();
+      };
+      auto found = [&](int64_t n, int64_t j) {
+        __builtin_prefetch(scores + n * L + j);
+        pending.emplace_back(static_cast<int32_t>(j), n * L + j);
+        if (static_cast<int64_t>(pending.size()) == kGatherBatch) flush();
+      };
       for (int64_t n = c * rows_per_chunk; n < std::min(N, (c + 1) * rows_per_chunk); ++n) {
         if (row_mask != nullptr && !row_mask[n]) continue;
         const int8_t* t = targets + n * L;
-        const scalar_t* s = scores + n * L;
         int64_t j = 0;
         for (; j + 8 <= L; j += 8) {
           if (!any_byte_is_one(t + j)) continue;
           for (int64_t i = j; i < j + 8; ++i) {
-            if (t[i] == 1) hits[c].push_back({static_cast<int32_t>(i), static_cast<T>(s[i])});
+            if (t[i] == 1) found(n, i);
           }
         }
         for (; j < L; ++j) {
-          if (t[j] == 1) hits[c].push_back({static_cast<int32_t>(j), static_cast<T>(s[j])});
+          if (t[j] == 1) found(n, j);
         }
       }
+      flush();
     }
   });
   PositivesByLabel<T> out;
@@ -103,67 +127,66 @@ PositivesByLabel<T> gather_positives(const scalar_t* scores, const int8_t* targe
   return out;
 }
 
-// One label's sorted positives, bins and bucket counts (thread-local storage, reused across labels).
+// The bin of a score: monotone in v (sub, mul, clamp and truncation all preserve order), so bins never reorder
+// scores. (v - lo) can overflow to inf, and inf * 0 is NaN when scale is 0 (one bin): max(0, NaN) is 0 here.
 template <typename T>
-struct LabelBuckets {
-  std::vector<T> pos;          // ascending, followed by two +inf sentinels
-  std::vector<int32_t> bins;   // per bin: (#positives in lower bins) << 2 | min(#positives in the bin, 3)
-  std::vector<int32_t> count;  // count[m] = #other annotated entries with exactly m positives <= them
+inline int32_t bin_of(T v, T lo, T scale, T last_bin) {
+  return static_cast<int32_t>(std::min(std::max(T(0), (v - lo) * scale), last_bin));
+}
+
+// One label's table: its sorted positives and G ~ 2P equal-width bins over [lowest, highest positive].
+template <typename T>
+struct LabelTable {
   int64_t P = 0;
-  T lo = 0;
+  // Scores in [lo, hi) are placed through the bins; scores >= hi are above every positive and only counted.
+  T lo = std::numeric_limits<T>::infinity();
+  T hi = std::numeric_limits<T>::infinity();
   T scale = 0;
   T last_bin = 0;
+  std::vector<T> pos;         // ascending, then kInBinCompares +inf sentinels (branch-free reads past the end)
+  std::vector<int32_t> bins;  // per bin: (#positives in lower bins) << 3 | min(#positives in the bin, 4)
+  std::vector<int32_t> count;  // count[m] = #other annotated entries in [lo, hi) with exactly m positives <= them
+  int64_t above = 0;          // other annotated entries >= hi
 
-  // Monotone in v (sub, mul, clamp and truncation all preserve order), so bins never reorder scores.
-  int32_t bin(T v) const {
-    // (v - lo) can overflow to inf, and inf * 0 is NaN when scale is 0 (one bin): max(0, NaN) is 0 here.
-    const T x = std::min(std::max(T(0), (v - lo) * scale), last_bin);
-    return static_cast<int32_t>(x);
-  }
 
   void build(const T* first, int64_t n) {
     P = n;
     pos.assign(first, first + n);
     std::sort(pos.begin(), pos.end());
-    pos.push_back(std::numeric_limits<T>::infinity());
-    pos.push_back(std::numeric_limits<T>::infinity());
+    pos.insert(pos.end(), kInBinCompares, std::numeric_limits<T>::infinity());
     count.assign(P + 1, 0);
+    above = 0;
+    lo = hi = std::numeric_limits<T>::infinity();
     if (P == 0) return;
     lo = pos.front();
-    const T hi = pos[P - 1];
+    hi = pos[P - 1];
     const int64_t G = std::min<int64_t>(kBinsPerPositive * P, kMaxBins);
     last_bin = static_cast<T>(G - 1);
     scale = hi > lo ? static_cast<T>(G) / (hi - lo) : T(0);
     if (!std::isfinite(static_cast<double>(scale))) scale = 0;  // positives too close for the bin width: one bin
     bins.assign(G, 0);
-    for (int64_t i = 0; i < P; ++i) ++bins[bin(pos[i])];  // positives per bin, for now
+    for (int64_t i = 0; i < P; ++i) ++bins[bin_of(pos[i], lo, scale, last_bin)];  // positives per bin, for now
     int32_t below = 0;
     for (int32_t& entry : bins) {
       const int32_t in_bin = entry;
-      entry = (below << 2) | std::min(in_bin, 3);
+      entry = (below << 3) | std::min(in_bin, kInBinCompares + 1);
       below += in_bin;
     }
   }
 
-  // Counts a run of non-positive annotated scores: their bins first, in a loop the compiler vectorises, then the
-  // dependent lookups.
-  void add_all(const T* values, int64_t n, int32_t* bin_of) {
-    for (int64_t i = 0; i < n; ++i) bin_of[i] = bin(values[i]);
-    for (int64_t i = 0; i < n; ++i) add_in_bin(values[i], bin_of[i]);
-  }
-
-  // Counts one score v of bin b: its bucket is how many positives are <= v. Positives of lower bins are < v and of
-  // higher bins > v (monotone bins), so only the positives of v's own bin are compared: the first two without
-  // branches (a mispredicted branch here costs more than the two comparisons), any further ones (rare with two bins
-  // per positive) in a bounded loop.
-  inline void add_in_bin(T v, int32_t b) {
+  // Places a score v in [lo, hi) of bin b: its bucket is how many positives are <= v. Lower bins' positives are
+  // < v and higher bins' > v (the bin function is monotone), so only v's own bin is compared: up to
+  // kInBinCompares positives without branches, any further ones (rare) in a loop that stops at hi > v.
+  inline void add(T v, int32_t b) {
     const int32_t entry = bins[b];
-    const int32_t in_bin = entry & 3;
-    int32_t g = entry >> 2;
-    g += (in_bin >= 1) & (pos[g] <= v);
-    g += (in_bin >= 2) & (pos[g] <= v);
-    if (in_bin == 3) {
-      while (g < P && pos[g] <= v) ++g;  // bounded: the +inf sentinels do not stop a score of +inf
+    const int32_t in_bin = entry & 7;
+    int64_t g = entry >> 3;
+    const T* p = pos.data() + g;
+    g += (in_bin >= 1) & (p[0] <= v);
+    g += (in_bin >= 2) & (p[1] <= v);
+    g += (in_bin >= 3) & (p[2] <= v);
+    if (in_bin > kInBinCompares) {
+      while (pos[g] <= v) ++g;
     }
     ++count[g];
   }
@@ -172,7 +195,7 @@ struct LabelBuckets {
   double average_precision() const {
     if (P == 0) return 0.0;
     double sum = 0.0;
-    int64_t negatives_at_or_above = count[P];
+    int64_t negatives_at_or_above = above;  // count[P] stays 0: in-range scores are < hi
     int64_t end = P;
     while (end > 0) {
       int64_t begin = end - 1;
@@ -187,6 +210,90 @@ struct LabelBuckets {
   }
 };
 
+// Counts a label's run of n buffered scores (NaN marks an entry that takes no part): above-range ones in `above`,
+// in-range ones through the table.
+template <typename T>
+void count_run(LabelTable<T>& table, const T* values, int64_t n) {
+  int64_t above = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = values[i];
+    above += v >= table.hi;
+    if (v >= table.lo && v < table.hi) table.add(v, bin_of(v, table.lo, table.scale, table.last_bin));
+  }
+  table.above += above;
+}
+
+#ifdef PYZSL_X86_SIMD
+// The same for float with AVX-512, 16 scores per instruction. Same IEEE operations as bin_of (subtract, multiply,
+// max with 0 that maps NaN to 0, min, truncate), so every bin equals the scalar one the table was built with.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt"))) void count_run_avx512(LabelTable<float>& table,
+                                                                                          const float* values,
+                                                                                          int64_t n) {
+  const __m512 lo = _mm512_set1_ps(table.lo), hi = _mm512_set1_ps(table.hi);
+  int64_t above = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += 16) {
+    const __mmask16 lanes = n - i0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i0)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(lanes, values + i0);
+    const __mmask16 at_least_lo = _mm512_mask_cmp_ps_mask(lanes, v, lo, _CMP_GE_OQ);
+    const __mmask16 at_least_hi = _mm512_mask_cmp_ps_mask(lanes, v, hi, _CMP_GE_OQ);
+    above += __builtin_popcount(at_least_hi);
+    uint32_t inside = at_least_lo & ~at_least_hi;
+    // The in-range lanes are read back from the run and binned in scalar code: reloading them from a vector
+    // stored to the stack stalls on store forwarding.
+    while (inside != 0) {
+      const int i = __builtin_ctz(inside);
+      inside &= inside - 1;
+      const float x = values[i0 + i];
+      table.add(x, bin_of(x, table.lo, table.scale, table.last_bin));
+    }
+  }
+  table.above += above;
+}
+#endif
+
+// Copies rows [n0, n1) of columns [j0, j0 + width) into `buffer` column by column (column b at b * stride), each kept
+// row once; an entry that takes no part (a positive, or unannotated under the ignore rule) becomes NaN. Returns the
+// number of rows kept.
+template <typename scalar_t, typename T>
+int64_t fill_tile(const scalar_t* scores, const int8_t* targets, const bool* row_mask, int64_t L, int64_t n0,
+                  int64_t n1, int64_t j0, int64_t width, int8_t max_negative, T* buffer, int64_t stride) {
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  int64_t r = 0;
+  for (int64_t n = n0; n < n1; ++n) {
+    if (row_mask != nullptr && !row_mask[n]) continue;
+    const scalar_t* s = scores + n * L + j0;
+    const int8_t* t = targets + n * L + j0;
+    for (int64_t b = 0; b < width; ++b) buffer[b * stride + r] = t[b] <= max_negative ? static_cast<T>(s[b]) : nan;
+    ++r;
+  }
+  return r;
+}
+
+#ifdef PYZSL_X86_SIMD
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) int64_t fill_tile_avx512(
+    const float* scores, const int8_t* targets, const bool* row_mask, int64_t L, int64_t n0, int64_t n1, int64_t j0,
+    int64_t width, int8_t max_negative, float* buffer, int64_t stride) {
+  const __m512 nan = _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN());
+  const __m128i max_neg = _mm_set1_epi8(max_negative);
+  const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int32_t>(stride)));
+  int64_t r = 0;
+  for (int64_t n = n0; n < n1; ++n) {
+    if (row_mask != nullptr && !row_mask[n]) continue;
+    const float* s = scores + n * L + j0;
+    const int8_t* t = targets + n * L + j0;
+    for (int64_t b = 0; b < width; b += 16) {
+      const __mmask16 lanes = width - b >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (width - b)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(lanes, s + b);
+      const __mmask16 annotated = _mm_mask_cmple_epi8_mask(lanes, _mm_maskz_loadu_epi8(lanes, t + b), max_neg);
+      _mm512_mask_i32scatter_ps(buffer + b * stride + r, lanes, column, _mm512_mask_blend_ps(annotated, nan, v), 4);
+    }
+    ++r;
+  }
+  return r;
+}
+#endif
+
 template <typename scalar_t>
 void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_mask, int64_t N, int64_t L,
                bool unannotated_is_negative, double* ap, int64_t* num_positives) {
@@ -194,48 +301,60 @@ void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_ma
   const auto positives = gather_positives<scalar_t>(scores, targets, row_mask, N, L);
   // Entries with target <= this value are "other annotated": -1 always, 0 when unannotated counts as negative.
   const int8_t max_negative = unannotated_is_negative ? 0 : -1;
-  // Each thread takes a contiguous range of labels, so it reads every row as one contiguous run. Rows come in
-  // tiles: the tile's other annotated scores are first copied out label by label into a small thread-local buffer,
-  // then each label drops them into its buckets while its structures are hot in L1. (Walking the label structures
-  // row by row instead thrashes the cache; walking the score matrix column by column defeats the prefetcher.)
+#ifdef PYZSL_X86_SIMD
+  // PYZSL_NO_AVX512=1 forces the portable loops, so that the tests cover them on any machine.
+  static const bool use_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                                 std::getenv("PYZSL_NO_AVX512") == nullptr;
+#endif
+  // Each thread owns a contiguous range of labels and reads its part of the rows in order, a tile of rows at a
+  // time, which the hardware prefetchers follow. The tile is first copied column by column into a thread-local
+  // buffer; then each label's run of the buffer is counted with its table hot in cache. (Reading the score matrix
+  // column-wise instead stalls on memory; keeping every label's table busy at once thrashes the cache.)
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t width_per_block = std::max<int64_t>(kMinLabelBlock, (L + threads - 1) / threads);
-  const int64_t num_blocks = (L + width_per_block - 1) / width_per_block;
-  at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-    std::vector<LabelBuckets<T>> buckets(width_per_block);
-    const int64_t row_tile = std::clamp<int64_t>(kTileElements / width_per_block, kMinRowTile, kMaxRowTile);
-    // Distance between two labels' runs in the buffer: not a power of two, or the runs would share cache sets.
-    const int64_t tile_stride = row_tile + 16;
-    std::vector<T> tile(width_per_block * tile_stride);
-    std::vector<int32_t> tile_fill(width_per_block);
-    std::vector<int32_t> bin_scratch(row_tile);
-    for (int64_t block = block_begin; block < block_end; ++block) {
-      const int64_t j0 = block * width_per_block;
-      const int64_t width = std::min(width_per_block, L - j0);
+  const int64_t span = std::max<int64_t>(kMinLabelSpan, (L + threads - 1) / threads);
+  const int64_t num_spans = (L + span - 1) / span;
+  at::parallel_for(0, num_spans, 1, [&](int64_t span_begin, int64_t span_end) {
+    const int64_t tile_rows = std::clamp<int64_t>(kTileElements / span, kMinTileRows, kMaxTileRows);
+    const int64_t stride = tile_rows + 16;  // not a power of two, so that columns do not share cache sets
+    std::vector<T> buffer(span * stride);
+    std::vector<LabelTable<T>> tables(span);
+    for (int64_t s = span_begin; s < span_end; ++s) {
+      const int64_t j0 = s * span, width = std::min(span, L - j0);
       for (int64_t b = 0; b < width; ++b) {
-        const int64_t first = positives.offsets[j0 + b], last = positives.offsets[j0 + b + 1];
-        buckets[b].build(positives.values.data() + first, last - first);
+        tables[b].build(positives.values.data() + positives.offsets[j0 + b],
+                        positives.offsets[j0 + b + 1] - positives.offsets[j0 + b]);
       }
-      for (int64_t n0 = 0; n0 < N; n0 += row_tile) {
-        std::fill(tile_fill.begin(), tile_fill.begin() + width, 0);
-        for (int64_t n = n0; n < std::min(N, n0 + row_tile); ++n) {
-          if (row_mask != nullptr && !row_mask[n]) continue;
-          const scalar_t* s = scores + n * L + j0;
-          const int8_t* t = targets + n * L + j0;
-          for (int64_t b = 0; b < width; ++b) {
-            if (t[b] <= max_negative) tile[b * tile_stride + tile_fill[b]++] = static_cast<T>(s[b]);
-          }
+      for (int64_t n0 = 0; n0 < N; n0 += tile_rows) {
+        const int64_t n1 = std::min(N, n0 + tile_rows);
+        int64_t rows;
+#ifdef PYZSL_X86_SIMD
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          rows = use_avx512 ? fill_tile_avx512(scores, targets, row_mask, L, n0, n1, j0, width, max_negative,
+                                               buffer.data(), stride)
+                            : fill_tile(scores, targets, row_mask, L, n0, n1, j0, width, max_negative,
+                                        buffer.data(), stride);
+        } else
+#endif
+        {
+          rows = fill_tile(scores, targets, row_mask, L, n0, n1, j0, width, max_negative, buffer.data(), stride);
         }
         for (int64_t b = 0; b < width; ++b) {
-          LabelBuckets<T>& label = buckets[b];
-          if (label.P == 0) continue;  // AP 0: its scores need no counting
-          const T* values = tile.data() + b * tile_stride;
-          label.add_all(values, tile_fill[b], bin_scratch.data());
+          if (tables[b].P == 0) continue;  // AP 0: its scores need no counting
+#ifdef PYZSL_X86_SIMD
+          if constexpr (std::is_same_v<T, float>) {
+            if (use_avx512) {
+              count_run_avx512(tables[b], buffer.data() + b * stride, rows);
+              continue;
+            }
+          }
+#endif
+          count_run(tables[b], buffer.data() + b * stride, rows);
         }
       }
       for (int64_t b = 0; b < width; ++b) {
-        ap[j0 + b] = buckets[b].average_precision();
-        num_positives[j0 + b] = buckets[b].P;
+        ap[j0 + b] = tables[b].average_precision();
+        num_positives[j0 + b] = tables[b].P;
       }
     }
   });
