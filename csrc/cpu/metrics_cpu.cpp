@@ -384,6 +384,30 @@ std::tuple<at::Tensor, at::Tensor> multilabel_ap_cpu(const at::Tensor& scores_in
   return {ap, num_positives};
 }
 
+#ifdef PYZSL_X86_SIMD
+static_assert(kTopkChunk == 32, "lanes_above_avx512 compares two vectors of 16");
+__attribute__((target("avx512f"))) uint32_t lanes_above_avx512(const float* chunk, float threshold) {
+  const __m512 t = _mm512_set1_ps(threshold);
+  const uint32_t low = _mm512_cmp_ps_mask(_mm512_loadu_ps(chunk), t, _CMP_GT_OQ);
+  const uint32_t high = _mm512_cmp_ps_mask(_mm512_loadu_ps(chunk + 16), t, _CMP_GT_OQ);
+  return low | (high << 16);
+}
+#endif
+
+// Bit i: whether chunk[i] > threshold, for the kTopkChunk scores of a chunk.
+template <typename scalar_t, typename T>
+inline uint32_t lanes_above(const scalar_t* chunk, T threshold) {
+#ifdef PYZSL_X86_SIMD
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    static const bool use_avx512 = __builtin_cpu_supports("avx512f") && std::getenv("PYZSL_NO_AVX512") == nullptr;
+    if (use_avx512) return lanes_above_avx512(chunk, threshold);
+  }
+#endif
+  uint32_t above = 0;
+  for (int64_t i = 0; i < kTopkChunk; ++i) above |= static_cast<uint32_t>(static_cast<T>(chunk[i]) > threshold) << i;
+  return above;
+}
+
 template <typename scalar_t>
 void topk_kernel(const scalar_t* scores, const int8_t* targets, int64_t N, int64_t L, int64_t k, bool* hits,
                  int64_t* row_positives) {
@@ -412,19 +436,18 @@ void topk_kernel(const scalar_t* scores, const int8_t* targets, int64_t N, int64
       };
       int64_t j = 0;
       for (; j < L && filled < kept; ++j) offer(j);
-      // Most chunks hold nothing above the k-th best: test a whole chunk with a vectorisable reduction first.
+      // Most chunks hold nothing above the k-th best: one comparison of the whole chunk gives the lanes to offer.
       for (; j + kTopkChunk <= L; j += kTopkChunk) {
-        const T threshold = best[kept - 1];
-        int32_t above = 0;
-        for (int64_t i = 0; i < kTopkChunk; ++i) above += static_cast<T>(s[j + i]) > threshold;
-        if (above > 0) {
-          for (int64_t i = 0; i < kTopkChunk; ++i) offer(j + i);
+        uint32_t above = lanes_above(s + j, best[kept - 1]);
+        while (above != 0) {
+          offer(j + __builtin_ctz(above));
+          above &= above - 1;
         }
       }
       for (; j < L; ++j) offer(j);
       bool* h = hits + n * k;
       for (int64_t r = 0; r < k; ++r) h[r] = r < kept && t[best_index[r]] == 1;
-      int64_t positives = 0;
+      int32_t positives = 0;  // L < 2^31 (int32 label index in the AP kernel's gather)
       for (int64_t j = 0; j < L; ++j) positives += t[j] == 1;
       row_positives[n] = positives;
     }
