@@ -418,14 +418,14 @@ def test_cpp_ops_infinite_scores_in_subprocess():
 
 @needs_cpp
 def test_cpp_ap_portable_path_in_subprocess():
-    """PYZSL_NO_AVX512=1 makes the AP kernel take its portable loops; they must agree with the reference too."""
+    """PYZSL_NO_AVX512=1 makes the AP and top-K kernels take their portable loops; they must agree with the reference."""
     code = textwrap.dedent("""
         import torch
         import pyzsl.metrics
         from pyzsl.metrics import _reference
         from _inputs import make_inputs
         for seed, (N, L, tied) in enumerate([(1, 1, True), (37, 13, True), (300, 70, False), (8192 + 5, 3, True),
-                                              (50, 33, False)]):
+                                              (50, 33, False), (20, 100, False)]):
             for dtype in (torch.float32, torch.float16, torch.float64):
                 scores, targets = make_inputs(N, L, seed=seed, dtype=dtype, tied=tied)
                 row_mask = torch.rand(N, generator=torch.Generator().manual_seed(seed)) > 0.3
@@ -435,6 +435,10 @@ def test_cpp_ap_portable_path_in_subprocess():
                         ref_ap, ref_positives = _reference.multilabel_ap(scores, targets, mask, flag)
                         assert torch.equal(num_positives, ref_positives), (seed, dtype)
                         torch.testing.assert_close(ap, ref_ap, atol=1e-12, rtol=0, msg=f"{seed} {dtype} {flag}")
+                for k in (1, 3, 40):
+                    hits, row_positives = torch.ops.pyzsl.multilabel_topk_hits(scores, targets, k)
+                    ref_hits, ref_row_positives = _reference.multilabel_topk_hits(scores, targets, k)
+                    assert torch.equal(hits, ref_hits) and torch.equal(row_positives, ref_row_positives), (seed, k)
         print("ok")
     """)
     run_isolated(code, env={"PYZSL_NO_AVX512": "1"})
