@@ -43,7 +43,7 @@ namespace {
 // The AP pass: a thread's tile of rows is copied into a column buffer of about kTileElements scores; its label
 // range is at least kMinLabelSpan wide.
 constexpr int64_t kMinLabelSpan = 16;
-constexpr int64_t kTileElements = 1 << 23;
+constexpr int64_t kTileElements = 1 << 22;  // 16 MiB of float per thread
 constexpr int64_t kMinTileRows = 256;
 constexpr int64_t kMaxTileRows = 8192;
 constexpr int32_t kInBinCompares = 3;  // positives of a score's bin compared without branches
@@ -251,14 +251,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt"))) void count_
 }
 #endif
 
-// Copies rows [n0, n1) of columns [j0, j0 + width) into `buffer` column by column (column b at b * stride), each kept
-// row once; an entry that takes no part (a positive, or unannotated under the ignore rule) becomes NaN. Returns the
-// number of rows kept.
+// Copies rows [n0, n1) of columns [j0, j0 + width) into `buffer` column by column (column b at b * stride) and sets
+// run[b] to the length of column b's run. Here every kept row gets a slot: an entry that takes no part (a positive,
+// or unannotated under the ignore rule) becomes NaN, which count_run passes over.
 template <typename scalar_t, typename T>
-int64_t fill_tile(const scalar_t* scores, const int8_t* targets, const bool* row_mask, int64_t L, int64_t n0,
-                  int64_t n1, int64_t j0, int64_t width, int8_t max_negative, T* buffer, int64_t stride) {
+void fill_tile(const scalar_t* scores, const int8_t* targets, const bool* row_mask, int64_t L, int64_t n0, int64_t n1,
+               int64_t j0, int64_t width, int8_t max_negative, T* buffer, int64_t stride, int32_t* run) {
   const T nan = std::numeric_limits<T>::quiet_NaN();
-  int64_t r = 0;
+  int32_t r = 0;
   for (int64_t n = n0; n < n1; ++n) {
     if (row_mask != nullptr && !row_mask[n]) continue;
     const scalar_t* s = scores + n * L + j0;
@@ -266,31 +266,34 @@ int64_t fill_tile(const scalar_t* scores, const int8_t* targets, const bool* row
     for (int64_t b = 0; b < width; ++b) buffer[b * stride + r] = t[b] <= max_negative ? static_cast<T>(s[b]) : nan;
     ++r;
   }
-  return r;
+  std::fill(run, run + width, r);
 }
 
 #ifdef PYZSL_X86_SIMD
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) int64_t fill_tile_avx512(
+// The same for float with AVX-512, keeping only the entries that take part: 16 columns per instruction, each
+// appended at its own run length (a masked scatter), so a mostly unannotated matrix leaves short runs to count.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void fill_tile_avx512(
     const float* scores, const int8_t* targets, const bool* row_mask, int64_t L, int64_t n0, int64_t n1, int64_t j0,
-    int64_t width, int8_t max_negative, float* buffer, int64_t stride) {
-  const __m512 nan = _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN());
+    int64_t width, int8_t max_negative, float* buffer, int64_t stride, int32_t* run) {
   const __m128i max_neg = _mm_set1_epi8(max_negative);
   const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32(static_cast<int32_t>(stride)));
-  int64_t r = 0;
+  const __m512i one = _mm512_set1_epi32(1);
+  std::fill(run, run + width, 0);
   for (int64_t n = n0; n < n1; ++n) {
     if (row_mask != nullptr && !row_mask[n]) continue;
     const float* s = scores + n * L + j0;
     const int8_t* t = targets + n * L + j0;
     for (int64_t b = 0; b < width; b += 16) {
       const __mmask16 lanes = width - b >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (width - b)) - 1);
-      const __m512 v = _mm512_maskz_loadu_ps(lanes, s + b);
-      const __mmask16 annotated = _mm_mask_cmple_epi8_mask(lanes, _mm_maskz_loadu_epi8(lanes, t + b), max_neg);
-      _mm512_mask_i32scatter_ps(buffer + b * stride + r, lanes, column, _mm512_mask_blend_ps(annotated, nan, v), 4);
+      const __mmask16 take = _mm_mask_cmple_epi8_mask(lanes, _mm_maskz_loadu_epi8(lanes, t + b), max_neg);
+      if (take == 0) continue;
+      const __m512i length = _mm512_maskz_loadu_epi32(lanes, run + b);
+      _mm512_mask_i32scatter_ps(buffer + b * stride, take, _mm512_add_epi32(column, length),
+                                _mm512_maskz_loadu_ps(lanes, s + b), 4);
+      _mm512_mask_storeu_epi32(run + b, lanes, _mm512_mask_add_epi32(length, take, length, one));
     }
-    ++r;
   }
-  return r;
 }
 #endif
 
@@ -319,6 +322,7 @@ void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_ma
     const int64_t stride = tile_rows + 16;  // not a power of two, so that columns do not share cache sets
     std::vector<T> buffer(span * stride);
     std::vector<LabelTable<T>> tables(span);
+    std::vector<int32_t> run(span);  // per column of the tile: how many of its buffer slots are filled
     for (int64_t s = span_begin; s < span_end; ++s) {
       const int64_t j0 = s * span, width = std::min(span, L - j0);
       for (int64_t b = 0; b < width; ++b) {
@@ -327,29 +331,31 @@ void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_ma
       }
       for (int64_t n0 = 0; n0 < N; n0 += tile_rows) {
         const int64_t n1 = std::min(N, n0 + tile_rows);
-        int64_t rows;
 #ifdef PYZSL_X86_SIMD
         if constexpr (std::is_same_v<scalar_t, float>) {
-          rows = use_avx512 ? fill_tile_avx512(scores, targets, row_mask, L, n0, n1, j0, width, max_negative,
-                                               buffer.data(), stride)
-                            : fill_tile(scores, targets, row_mask, L, n0, n1, j0, width, max_negative,
-                                        buffer.data(), stride);
+          if (use_avx512) {
+            fill_tile_avx512(scores, targets, row_mask, L, n0, n1, j0, width, max_negative, buffer.data(), stride,
+                             run.data());
+          } else {
+            fill_tile(scores, targets, row_mask, L, n0, n1, j0, width, max_negative, buffer.data(), stride,
+                      run.data());
+          }
         } else
 #endif
         {
-          rows = fill_tile(scores, targets, row_mask, L, n0, n1, j0, width, max_negative, buffer.data(), stride);
+          fill_tile(scores, targets, row_mask, L, n0, n1, j0, width, max_negative, buffer.data(), stride, run.data());
         }
         for (int64_t b = 0; b < width; ++b) {
           if (tables[b].P == 0) continue;  // AP 0: its scores need no counting
 #ifdef PYZSL_X86_SIMD
           if constexpr (std::is_same_v<T, float>) {
             if (use_avx512) {
-              count_run_avx512(tables[b], buffer.data() + b * stride, rows);
+              count_run_avx512(tables[b], buffer.data() + b * stride, run[b]);
               continue;
             }
           }
 #endif
-          count_run(tables[b], buffer.data() + b * stride, rows);
+          count_run(tables[b], buffer.data() + b * stride, run[b]);
         }
       }
       for (int64_t b = 0; b < width; ++b) {
