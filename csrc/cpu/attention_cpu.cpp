@@ -4,7 +4,7 @@
 // Forward, for all B*R region rows at once:
 //   hidden = tanh(F w1[:D] + w1[D])           one library GEMM (at::mm_out, no bias), then one fused vectorised pass
 //                                              adding the bias row and applying tanh in place
-//   logits^T = hidden w2[:H]                   a small library GEMM [B R, M]
+//   logits = w2[:H]^T hidden^T                 a small library GEMM [M, B R]
 //   logits = logits^T + w2[H], alpha = softmax over r     one pass per (image, head): bias, transposition to
 //                                              [B, M, R], max, exp, normalisation
 //   attended[b, m] = [sum_r alpha F_r, sum_r alpha]        one pass per image (axpy rows while F_b stays in cache)
@@ -13,14 +13,15 @@
 //
 // Backward saves only hidden (= tanh) and alpha:
 //   grad_alpha = gA[:, :, :D] F^T + gA[:, :, D]            one batched library GEMM (K = D)
-//   grad_logits = alpha (grad_alpha - sum_r alpha grad_alpha) + incoming logits gradient, written transposed
-//                                                          [B R, M] (one pass per image)
-//   grad_w2[:H] = hidden^T grad_logits^T, grad_w2[H] = column sums          (GEMM with an M-wide output)
+//   grad_logits = alpha (grad_alpha - sum_r alpha grad_alpha) + incoming logits gradient, written as [M, B R]
+//                                                          (one pass per image)
+//   grad_w2[:H] = (grad_logits hidden)^T, grad_w2[H] = row sums   (a GEMM with M rows: far cheaper than hidden^T g)
 //   d_pre = (grad_logits^T w2[:H]^T) * (1 - hidden^2)       one fused vectorised pass: the K = M product, the tanh
 //                                                          derivative and the w1 bias-row gradient (column sums in
 //                                                          fixed row blocks, so the result is deterministic)
 //   grad_w1[:D] = F^T d_pre                                 library GEMM
-//   grad_F = alpha^T gA[:, :, :D] + d_pre w1[:D]^T          batched GEMM, then a GEMM accumulating into it (beta 1)
+//   grad_F = alpha^T gA[:, :, :D] + d_pre w1[:D]^T          batched GEMM, then a GEMM accumulating into it (beta 1);
+//                                                          skipped when the features need no gradient
 //
 // Types: float (vectorised passes, cloned for AVX-512 / AVX2 / baseline) and double (same code, for the tests and
 // gradcheck).
@@ -39,6 +40,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace pyzsl {
@@ -102,18 +104,19 @@ PYZSL_ATT_CLONES void tanh_bias_f32(float* x, const float* b, int64_t rows, int6
 }
 void tanh_bias_f64(double* x, const double* b, int64_t rows, int64_t cols) { tanh_bias_rows<double>(x, b, rows, cols); }
 
-// d[r, h] = (1 - t[r, h]^2) * sum_m g[r, m] w2t[m, h] for the rows of one block, and colsum[h] = sum_r d[r, h].
+// d[r, h] = (1 - t[r, h]^2) * sum_m g[m, r] w2t[m, h] for the rows of one block (g is [M, rows] with row stride
+// g_stride), and colsum[h] = sum_r d[r, h].
 template <typename T>
-PYZSL_ATT_INLINE void tanh_grad_rows(const T* __restrict g, const T* __restrict w2t, const T* __restrict t,
-                                     T* __restrict d, T* __restrict colsum, int64_t rows, int64_t M, int64_t H) {
+PYZSL_ATT_INLINE void tanh_grad_rows(const T* __restrict g, int64_t g_stride, const T* __restrict w2t,
+                                     const T* __restrict t, T* __restrict d, T* __restrict colsum, int64_t rows,
+                                     int64_t M, int64_t H) {
   for (int64_t h = 0; h < H; ++h) colsum[h] = T(0);
   for (int64_t r = 0; r < rows; ++r) {
-    const T* gr = g + r * M;
     const T* tr = t + r * H;
     T* dr = d + r * H;
     for (int64_t h = 0; h < H; ++h) dr[h] = T(0);
     for (int64_t m = 0; m < M; ++m) {
-      const T gm = gr[m];
+      const T gm = g[m * g_stride + r];
       const T* wm = w2t + m * H;
       for (int64_t h = 0; h < H; ++h) dr[h] += gm * wm[h];
     }
@@ -124,13 +127,13 @@ PYZSL_ATT_INLINE void tanh_grad_rows(const T* __restrict g, const T* __restrict 
     }
   }
 }
-PYZSL_ATT_CLONES void tanh_grad_f32(const float* g, const float* w2t, const float* t, float* d, float* colsum,
-                                    int64_t rows, int64_t M, int64_t H) {
-  tanh_grad_rows<float>(g, w2t, t, d, colsum, rows, M, H);
+PYZSL_ATT_CLONES void tanh_grad_f32(const float* g, int64_t g_stride, const float* w2t, const float* t, float* d,
+                                    float* colsum, int64_t rows, int64_t M, int64_t H) {
+  tanh_grad_rows<float>(g, g_stride, w2t, t, d, colsum, rows, M, H);
 }
-PYZSL_ATT_CLONES void tanh_grad_f64(const double* g, const double* w2t, const double* t, double* d, double* colsum,
-                                    int64_t rows, int64_t M, int64_t H) {
-  tanh_grad_rows<double>(g, w2t, t, d, colsum, rows, M, H);
+PYZSL_ATT_CLONES void tanh_grad_f64(const double* g, int64_t g_stride, const double* w2t, const double* t, double* d,
+                                    double* colsum, int64_t rows, int64_t M, int64_t H) {
+  tanh_grad_rows<double>(g, g_stride, w2t, t, d, colsum, rows, M, H);
 }
 
 // out[d] += a * x[d]
@@ -145,13 +148,13 @@ PYZSL_ATT_INLINE void tanh_bias(float* x, const float* b, int64_t rows, int64_t 
 PYZSL_ATT_INLINE void tanh_bias(double* x, const double* b, int64_t rows, int64_t cols) {
   tanh_bias_f64(x, b, rows, cols);
 }
-PYZSL_ATT_INLINE void tanh_grad(const float* g, const float* w2t, const float* t, float* d, float* colsum,
-                                int64_t rows, int64_t M, int64_t H) {
-  tanh_grad_f32(g, w2t, t, d, colsum, rows, M, H);
+PYZSL_ATT_INLINE void tanh_grad(const float* g, int64_t g_stride, const float* w2t, const float* t, float* d,
+                                float* colsum, int64_t rows, int64_t M, int64_t H) {
+  tanh_grad_f32(g, g_stride, w2t, t, d, colsum, rows, M, H);
 }
-PYZSL_ATT_INLINE void tanh_grad(const double* g, const double* w2t, const double* t, double* d, double* colsum,
-                                int64_t rows, int64_t M, int64_t H) {
-  tanh_grad_f64(g, w2t, t, d, colsum, rows, M, H);
+PYZSL_ATT_INLINE void tanh_grad(const double* g, int64_t g_stride, const double* w2t, const double* t, double* d,
+                                double* colsum, int64_t rows, int64_t M, int64_t H) {
+  tanh_grad_f64(g, g_stride, w2t, t, d, colsum, rows, M, H);
 }
 PYZSL_ATT_INLINE void axpy_any(float* out, const float* x, float a, int64_t n) { axpy_f32(out, x, a, n); }
 PYZSL_ATT_INLINE void axpy_any(double* out, const double* x, double a, int64_t n) { axpy_f64(out, x, a, n); }
@@ -182,14 +185,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> region_attention_cpu(
   const int64_t B = features.size(0), R = features.size(1), D = features.size(2);
   const int64_t H = w1.size(1), M = w2.size(1);
   const auto options = features.options();
-  auto hidden = at::empty({B, R, H}, options);
   auto logits = at::empty({B, M, R}, options);
   auto alpha = at::empty({B, M, R}, options);
   auto attended = at::empty({B, M, D + 1}, options);
-  if (B == 0) return {attended, logits, hidden, alpha};
+  if (B == 0) return {attended, logits, at::empty({B, R, H}, options), alpha};
   const auto rows = features.view({B * R, D});
-  auto hidden2d = hidden.view({B * R, H});
-  at::mm_out(hidden2d, rows, w1.narrow(0, 0, D));
+  // at::mm rather than mm_out: mm_out zero-fills its output before the GEMM.
+  const auto hidden2d = at::mm(rows, w1.narrow(0, 0, D));
+  const auto hidden = hidden2d.view({B, R, H});
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "region_attention_tanh", [&] {
     using T = scalar_t;
     T* h = hidden.mutable_data_ptr<T>();
@@ -198,7 +201,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> region_attention_cpu(
       tanh_bias(h + r0 * H, b1, r1 - r0, H);
     });
   });
-  const auto logits_t = at::mm(hidden2d, w2.narrow(0, 0, H));  // [B R, M], before the heads' bias
+  // [M, B R] (w2^T hidden^T: with the M-wide side as the GEMM's rows this runs several times faster than
+  // hidden w2), before the heads' bias; each (image, head) is then a contiguous run of R logits.
+  const auto logits_t = at::mm(w2.narrow(0, 0, H).t(), hidden2d.t());
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "region_attention_cpu", [&] {
     using T = scalar_t;
     const T* lt = logits_t.const_data_ptr<T>();
@@ -210,13 +215,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> region_attention_cpu(
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1_) {
       for (int64_t b = b0; b < b1_; ++b) {
         for (int64_t m = 0; m < M; ++m) {
-          const T* src = lt + b * R * M + m;
+          const T* src = lt + m * B * R + b * R;
           const T bias = b2[m];
           T* l = lg + (b * M + m) * R;
           T* a = al + (b * M + m) * R;
           T top = -std::numeric_limits<T>::infinity();
           for (int64_t r = 0; r < R; ++r) {
-            l[r] = src[r * M] + bias;
+            l[r] = src[r] + bias;
             top = std::max(top, l[r]);
           }
           T sum = 0;
@@ -241,9 +246,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> region_attention_cpu(
   return {attended, logits, hidden, alpha};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> region_attention_backward_cpu(
+std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor> region_attention_backward_cpu(
     const at::Tensor& grad_attended_in, const at::Tensor& grad_logits_in, const at::Tensor& features_in,
-    const at::Tensor& w1_in, const at::Tensor& w2_in, const at::Tensor& hidden_in, const at::Tensor& alpha_in) {
+    const at::Tensor& w1_in, const at::Tensor& w2_in, const at::Tensor& hidden_in, const at::Tensor& alpha_in,
+    bool features_need_grad) {
   check_region_attention_inputs(features_in, w1_in, w2_in, "region_attention_backward");
   const auto features = features_in.contiguous();
   const auto w1 = w1_in.contiguous();
@@ -264,10 +270,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> region_attention_backward_cpu(
   const auto options = features.options();
   auto grad_w1 = at::empty({D + 1, H}, options);
   auto grad_w2 = at::empty({H + 1, M}, options);
-  if (B == 0) return {at::zeros_like(features), grad_w1.zero_(), grad_w2.zero_()};
+  if (B == 0) {
+    std::optional<at::Tensor> none;
+    return {features_need_grad ? std::optional<at::Tensor>(at::zeros_like(features)) : none, grad_w1.zero_(),
+            grad_w2.zero_()};
+  }
   const auto gA = grad_attended.narrow(2, 0, D);
   const auto grad_alpha = at::bmm(gA, features.transpose(1, 2));  // [B, M, R]; the ones column is added below
-  auto glT = at::empty({B * R, M}, options);                       // grad of the logits, [B R, M]
+  auto glT = at::empty({M, B * R}, options);                       // grad of the logits, [M, B R]
   auto d_pre = at::empty({B * R, H}, options);
   const int64_t blocks = (B * R + kRowBlock - 1) / kRowBlock;
   auto colsums = at::empty({blocks, H}, options);
@@ -286,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> region_attention_backward_cpu(
           T dot = 0;
           for (int64_t r = 0; r < R; ++r) dot += al[base + r] * (ga[base + r] + ones);
           for (int64_t r = 0; r < R; ++r) {
-            g[(b * R + r) * M + m] = al[base + r] * ((ga[base + r] + ones) - dot) + gl[base + r];
+            g[m * B * R + b * R + r] = al[base + r] * ((ga[base + r] + ones) - dot) + gl[base + r];
           }
         }
       }
@@ -299,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> region_attention_backward_cpu(
     at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t r0 = k * kRowBlock, n = std::min(kRowBlock, B * R - r0);
-        tanh_grad(g + r0 * M, w2tp, t + r0 * H, d + r0 * H, cs + k * H, n, M, H);
+        tanh_grad(g + r0, B * R, w2tp, t + r0 * H, d + r0 * H, cs + k * H, n, M, H);
       }
     });
   });
@@ -308,12 +318,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> region_attention_backward_cpu(
   auto grad_b2 = grad_w2.select(0, H);
   auto grad_w2_rows = grad_w2.narrow(0, 0, H);
   at::sum_out(grad_b1, colsums, {0});  // fixed block order: deterministic
-  at::mm_out(grad_w2_rows, hidden.view({B * R, H}).t(), glT);
-  at::sum_out(grad_b2, glT, {0});
+  grad_w2_rows.copy_(at::mm(glT, hidden.view({B * R, H})).t());  // grad_logits^T hidden: [M, H], M-wide rows
+  at::sum_out(grad_b2, glT, {1});
   const auto rows = features.view({B * R, D});
   at::mm_out(grad_w1_rows, rows.t(), d_pre);
-  auto grad_features = at::bmm(alpha.transpose(1, 2), gA);  // [B, R, D]
-  grad_features.view({B * R, D}).addmm_(d_pre, w1.narrow(0, 0, D).t());
+  std::optional<at::Tensor> grad_features;  // None when the features need no gradient: two GEMMs saved
+  if (features_need_grad) {
+    auto grad = at::bmm(alpha.transpose(1, 2), gA);  // [B, R, D]
+    grad.view({B * R, D}).addmm_(d_pre, w1.narrow(0, 0, D).t());
+    grad_features = grad;
+  }
   return {grad_features, grad_w1, grad_w2};
 }
 

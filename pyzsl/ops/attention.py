@@ -151,7 +151,8 @@ def shared_multi_attention(
 
 def region_attention_autograd(backward_op):
     """(backward, setup_context) for a region-attention op whose outputs are (attended, attention_logits, hidden,
-    alpha) and whose backward op takes (grad_attended, grad_attention_logits, features, w1, w2, hidden, alpha)."""
+    alpha) and whose backward op takes (grad_attended, grad_attention_logits, features, w1, w2, hidden, alpha,
+    features_need_grad)."""
 
     def setup_context(ctx, inputs, output):
         features, w1, w2 = inputs
@@ -166,7 +167,7 @@ def region_attention_autograd(backward_op):
         if grad_logits is None:
             grad_logits = torch.zeros_like(alpha)
         return tuple(backward_op(grad_attended.contiguous(), grad_logits.contiguous(), features, w1, w2, hidden,
-                                 alpha))
+                                 alpha, ctx.needs_input_grad[0]))
 
     return backward, setup_context
 
@@ -177,8 +178,9 @@ def region_attention_fake(features, w1, w2):
             features.new_empty(B, M, R))
 
 
-def region_attention_backward_fake(grad_attended, grad_logits, features, w1, w2, hidden, alpha):
-    return torch.empty_like(features), torch.empty_like(w1), torch.empty_like(w2)
+def region_attention_backward_fake(grad_attended, grad_logits, features, w1, w2, hidden, alpha, features_need_grad):
+    grad_features = torch.empty_like(features) if features_need_grad else None
+    return grad_features, torch.empty_like(w1), torch.empty_like(w2)
 
 
 def head_max_autograd(backward_op):
