@@ -166,8 +166,9 @@ def region_attention_autograd(backward_op):
             grad_attended = features.new_zeros(features.shape[0], w2.shape[1], features.shape[2] + 1)
         if grad_logits is None:
             grad_logits = torch.zeros_like(alpha)
-        return tuple(backward_op(grad_attended.contiguous(), grad_logits.contiguous(), features, w1, w2, hidden,
-                                 alpha, ctx.needs_input_grad[0]))
+        grad_features, grad_w1, grad_w2 = backward_op(grad_attended.contiguous(), grad_logits.contiguous(), features,
+                                                      w1, w2, hidden, alpha, ctx.needs_input_grad[0])
+        return grad_features if ctx.needs_input_grad[0] else None, grad_w1, grad_w2
 
     return backward, setup_context
 
