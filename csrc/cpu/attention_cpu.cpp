@@ -224,21 +224,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> region_attention_cpu(
             l[r] = src[r] + bias;
             top = std::max(top, l[r]);
           }
-          T sum = 0;
+          double sum = 0;  // reductions over the regions accumulate in double
           for (int64_t r = 0; r < R; ++r) {
             a[r] = std::exp(l[r] - top);
             sum += a[r];
           }
-          const T inv = T(1) / sum;
+          const T inv = static_cast<T>(1.0 / sum);
           T* out = at_out + (b * M + m) * (D + 1);
           std::fill(out, out + D, T(0));
-          T total = 0;
+          double total = 0;
           for (int64_t r = 0; r < R; ++r) {
             a[r] *= inv;
             total += a[r];
             axpy_any(out, f + (b * R + r) * D, a[r], D);
           }
-          out[D] = total;
+          out[D] = static_cast<T>(total);
         }
       }
     });
@@ -293,10 +293,10 @@ std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor> region_attention_b
         for (int64_t m = 0; m < M; ++m) {
           const int64_t base = (b * M + m) * R;
           const T ones = gAp[(b * M + m) * (D + 1) + D];  // gradient of the appended-one feature
-          T dot = 0;
-          for (int64_t r = 0; r < R; ++r) dot += al[base + r] * (ga[base + r] + ones);
+          double dot = 0;  // in double, as the forward's sums
+          for (int64_t r = 0; r < R; ++r) dot += static_cast<double>(al[base + r]) * (ga[base + r] + ones);
           for (int64_t r = 0; r < R; ++r) {
-            g[m * B * R + b * R + r] = al[base + r] * ((ga[base + r] + ones) - dot) + gl[base + r];
+            g[m * B * R + b * R + r] = al[base + r] * ((ga[base + r] + ones) - static_cast<T>(dot)) + gl[base + r];
           }
         }
       }
