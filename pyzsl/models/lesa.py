@@ -116,7 +116,9 @@ def distribution_loss(output: LESAOutput, targets: Tensor) -> Tensor:
 
 def relevance_loss(output: LESAOutput, targets: Tensor, margin: float = 0.0) -> Tensor:
     """Per-image ``sum_l max(0, margin - (s_l - g_l) y_l)`` with ``g_l`` the global-average-pooling score [B]."""
-    global_scores = output.regions.mean(1) @ output.classifiers.t()
+    # mean_r(F_r) . c_l written as (sum_r F_r . c_l) / R: the same value, but the backward of a sum is a broadcast,
+    # while mean's backward materialises a divided [B, R, D] gradient.
+    global_scores = (output.regions.sum(1) @ output.classifiers.t()) / output.regions.shape[1]
     return F.relu(margin - (output.scores - global_scores) * targets.to(output.scores.dtype)).sum(1)
 
 

@@ -159,6 +159,8 @@ def region_attention_autograd(backward_op):
         _, _, hidden, alpha = output
         ctx.save_for_backward(features, w1, w2, hidden, alpha)
         ctx.mark_non_differentiable(hidden, alpha)
+        # hidden and alpha never get gradients; materialising zeros for them would cost a [B, R, H] fill per step
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_attended, grad_logits, grad_hidden, grad_alpha):
         features, w1, w2, hidden, alpha = ctx.saved_tensors
