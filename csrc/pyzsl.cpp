@@ -62,6 +62,12 @@ TORCH_LIBRARY(pyzsl, m) {
       "_region_attention_backward(Tensor grad_attended, Tensor grad_attention_logits, Tensor features, Tensor w1, "
       "Tensor w2, Tensor hidden, Tensor alpha, bool features_need_grad) "
       "-> (Tensor? grad_features, Tensor grad_w1, Tensor grad_w2)");
+  // Training-mode batch norm + ReLU on channels-last rows x [N, C] (LESA's conv output): out = max(0, (x - mean) /
+  // sqrt(var + eps) * weight + bias) with the batch's mean and biased var, returned in float64 for the running stats.
+  m.def("batch_norm_relu(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor out, Tensor mean, Tensor var)");
+  m.def(
+      "_batch_norm_relu_backward(Tensor grad_out, Tensor out, Tensor x, Tensor weight, Tensor mean, Tensor var, "
+      "float eps) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
   // TF-VAEGAN's synthesis with feedback for N rows (nn.Linear weight layout [out, in], LeakyReLU slope 0.2):
   // x1 = lrelu(gen_fc1([noise, attributes])), h = lrelu(dec_fc1(sigmoid(gen_fc3(x1)))),
   // fb = lrelu(fb_fc2(lrelu(fb_fc1(h)))), out = sigmoid(gen_fc3(x1 + alpha * fb)). Rows go chunk_size at a time.
