@@ -6,6 +6,10 @@
 // out = max(0, x * scale + shift) with scale = weight / sqrt(var + eps), shift = bias - mean * scale.
 // Backward: pass 1 sums g = grad_out * (out > 0) and g * x per channel, pass 2 writes
 // grad_x = scale * (g - sum g / N - xhat * sum(g xhat) / N).
+// As in synthesis_cpu.cpp: no-trapping-math lets GCC if-convert the ReLU masks so that the loops vectorise.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -24,9 +28,10 @@ constexpr int64_t kRows = 256;  // rows per block of the reductions (fixed, so s
 #else
 #define PYZSL_BN_CLONES
 #endif
+#define PYZSL_BN_INLINE inline __attribute__((always_inline))
 
 template <typename T>
-inline void sums_rows(const T* __restrict x, double* __restrict s1, double* __restrict s2, int64_t rows, int64_t C) {
+PYZSL_BN_INLINE void sums_rows(const T* __restrict x, double* __restrict s1, double* __restrict s2, int64_t rows, int64_t C) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * C;
     for (int64_t c = 0; c < C; ++c) {
@@ -46,7 +51,7 @@ inline void sums(const float* x, double* s1, double* s2, int64_t rows, int64_t C
 inline void sums(const double* x, double* s1, double* s2, int64_t rows, int64_t C) { sums_f64(x, s1, s2, rows, C); }
 
 template <typename T>
-inline void affine_relu_rows(const T* __restrict x, const T* __restrict scale, const T* __restrict shift,
+PYZSL_BN_INLINE void affine_relu_rows(const T* __restrict x, const T* __restrict scale, const T* __restrict shift,
                              T* __restrict out, int64_t rows, int64_t C) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < C; ++c) {
@@ -72,12 +77,13 @@ inline void affine_relu(const double* x, const double* a, const double* b, doubl
 
 // g = grad * (out > 0); sg[c] += g, sgx[c] += g * x
 template <typename T>
-inline void grad_sums_rows(const T* __restrict grad, const T* __restrict out, const T* __restrict x,
+PYZSL_BN_INLINE void grad_sums_rows(const T* __restrict grad, const T* __restrict out, const T* __restrict x,
                            double* __restrict sg, double* __restrict sgx, int64_t rows, int64_t C) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < C; ++c) {
       const int64_t i = r * C + c;
-      const double g = out[i] > T(0) ? static_cast<double>(grad[i]) : 0.0;
+      const T gv = grad[i], ov = out[i];  // both loaded unconditionally: the select then vectorises
+      const double g = static_cast<double>(ov > T(0) ? gv : T(0));
       sg[c] += g;
       sgx[c] += g * static_cast<double>(x[i]);
     }
@@ -102,13 +108,14 @@ inline void grad_sums(const double* g, const double* o, const double* x, double*
 
 // grad_x = (out > 0 ? grad : 0) * k1[c] + (x - mean[c]) * k2[c] + k3[c]  (the batch-norm backward per channel)
 template <typename T>
-inline void grad_x_rows(const T* __restrict grad, const T* __restrict out, const T* __restrict x,
+PYZSL_BN_INLINE void grad_x_rows(const T* __restrict grad, const T* __restrict out, const T* __restrict x,
                         const T* __restrict mean, const T* __restrict k1, const T* __restrict k2, const T* __restrict k3, T* __restrict gx,
                         int64_t rows, int64_t C) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < C; ++c) {
       const int64_t i = r * C + c;
-      const T g = out[i] > T(0) ? grad[i] : T(0);
+      const T gv = grad[i], ov = out[i];
+      const T g = ov > T(0) ? gv : T(0);
       gx[i] = g * k1[c] + (x[i] - mean[c]) * k2[c] + k3[c];
     }
   }
