@@ -135,6 +135,11 @@ def test_region_attention_cpp_opcheck():
 def test_region_attention_triton_opcheck():
     features, w1, w2, _ = make(2, 7, 5, 6, 3, 1, seed=1, dtype=torch.float64)
     opcheck(torch.ops.pyzsl.region_attention_triton.default, (features, w1, w2))
+    out = torch.ops.pyzsl.region_attention_triton(features.detach(), w1.detach(), w2.detach())
+    grads = (weights_like(out[0], 0), weights_like(out[1], 1))
+    for need in (True, False):
+        opcheck(torch.ops.pyzsl._region_attention_triton_backward.default,
+                grads + (features.detach(), w1.detach(), w2.detach(), out[2], out[3], need))
 
 
 @needs_cpp
@@ -223,7 +228,7 @@ def test_float32_is_as_accurate_as_the_reference(backend):
         return [attended, logits, *grads]
 
     truth = [t.detach() for t in run(torch.float64, "reference")]
-    errors = lambda outs: [float((o.double() - t).abs().max()) for o, t in zip(outs, truth)]
+    errors = lambda outs: [float((o.detach().double() - t).abs().max()) for o, t in zip(outs, truth)]
     for name, ours, ref, t in zip(("attended", "logits", "grad features", "grad w1", "grad w2"),
                                   errors(run(torch.float32, backend)), errors(run(torch.float32, "reference")), truth):
         assert ours <= 2 * ref + 4 * torch.finfo(torch.float32).eps * float(t.abs().max()), name
