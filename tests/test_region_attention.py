@@ -133,6 +133,8 @@ def test_region_attention_cpp_opcheck():
 
 @needs_triton
 def test_region_attention_triton_opcheck():
+    import pyzsl.ops._attention_triton  # noqa: F401  (defines the ops; shared_multi_attention imports it lazily)
+
     features, w1, w2, _ = make(2, 7, 5, 6, 3, 1, seed=1, dtype=torch.float64)
     opcheck(torch.ops.pyzsl.region_attention_triton.default, (features, w1, w2))
     out = torch.ops.pyzsl.region_attention_triton(features.detach(), w1.detach(), w2.detach())
