@@ -1,12 +1,13 @@
 // CPU kernels of region_attention: LESA's M shared attention heads over the R regions of each image
 // (see pyzsl/ops/attention.py), forward and backward.
 //
-// Forward, for all B*R region rows at once:
-//   hidden = tanh(F w1[:D] + w1[D])           one library GEMM (at::mm_out, no bias), then one fused vectorised pass
-//                                              adding the bias row and applying tanh in place
+// Forward, over all B*R region rows:
+//   hidden = tanh(F w1[:D] + w1[D])           library GEMMs (at::mm_out, no bias) over ~1 MB row chunks, each followed
+//                                              by one vectorised pass adding the bias row and applying tanh in place
+//                                              while the chunk is still in cache
 //   logits = w2[:H]^T hidden^T                 a small library GEMM [M, B R]
-//   logits = logits^T + w2[H], alpha = softmax over r     one pass per (image, head): bias, transposition to
-//                                              [B, M, R], max, exp, normalisation
+//   + w2[H], alpha = softmax over r            one pass per (image, head): bias, layout [B, M, R], max, exp,
+//                                              normalisation
 //   attended[b, m] = [sum_r alpha F_r, sum_r alpha]        one pass per image (axpy rows while F_b stays in cache)
 // The appended-one trick of the published code becomes the bias rows w1[D] and w2[H]: GEMMs with K = D and H, no
 // concatenated copies.
@@ -190,17 +191,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> region_attention_cpu(
   auto attended = at::empty({B, M, D + 1}, options);
   if (B == 0) return {attended, logits, at::empty({B, R, H}, options), alpha};
   const auto rows = features.view({B * R, D});
-  // at::mm rather than mm_out: mm_out zero-fills its output before the GEMM.
-  const auto hidden2d = at::mm(rows, w1.narrow(0, 0, D));
-  const auto hidden = hidden2d.view({B, R, H});
-  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "region_attention_tanh", [&] {
-    using T = scalar_t;
-    T* h = hidden.mutable_data_ptr<T>();
-    const T* b1 = w1.const_data_ptr<T>() + D * H;
-    at::parallel_for(0, B * R, grain_rows(H), [&](int64_t r0, int64_t r1) {
-      tanh_bias(h + r0 * H, b1, r1 - r0, H);
+  // Row chunks of about 1 MB: each chunk's GEMM output is still in cache when the bias + tanh pass runs over it.
+  auto hidden = at::empty({B, R, H}, options);
+  auto hidden2d = hidden.view({B * R, H});
+  const int64_t chunk = std::max<int64_t>(64, (1 << 18) / std::max<int64_t>(H, 1));
+  for (int64_t r0 = 0; r0 < B * R; r0 += chunk) {
+    const int64_t n = std::min(chunk, B * R - r0);
+    auto out = hidden2d.narrow(0, r0, n);
+    at::mm_out(out, rows.narrow(0, r0, n), w1.narrow(0, 0, D));
+    AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "region_attention_tanh", [&] {
+      using T = scalar_t;
+      T* h = out.mutable_data_ptr<T>();
+      const T* b1 = w1.const_data_ptr<T>() + D * H;
+      at::parallel_for(0, n, grain_rows(H), [&](int64_t i0, int64_t i1) { tanh_bias(h + i0 * H, b1, i1 - i0, H); });
     });
-  });
+  }
   // [M, B R] (w2^T hidden^T: with the M-wide side as the GEMM's rows this runs several times faster than
   // hidden w2), before the heads' bias; each (image, head) is then a contiguous run of R logits.
   const auto logits_t = at::mm(w2.narrow(0, 0, H).t(), hidden2d.t());
