@@ -17,11 +17,12 @@
 //   grad_logits = alpha (grad_alpha - sum_r alpha grad_alpha) + incoming logits gradient, written as [M, B R]
 //                                                          (one pass per image)
 //   grad_w2[:H] = (grad_logits hidden)^T, grad_w2[H] = row sums   (a GEMM with M rows: far cheaper than hidden^T g)
+//   per ~1 MB chunk of rows (d_pre never exists for the whole batch):
 //   d_pre = (grad_logits^T w2[:H]^T) * (1 - hidden^2)       one fused vectorised pass: the K = M product, the tanh
 //                                                          derivative and the w1 bias-row gradient (column sums in
 //                                                          fixed row blocks, so the result is deterministic)
-//   grad_w1[:D] = F^T d_pre                                 library GEMM
-//   grad_F = alpha^T gA[:, :, :D] + d_pre w1[:D]^T          batched GEMM, then a GEMM accumulating into it (beta 1);
+//   grad_w1[:D] += F^T d_pre                                library GEMM, accumulated over the chunks
+//   grad_F = alpha^T gA[:, :, :D] + d_pre w1[:D]^T          batched GEMM, then per chunk a GEMM accumulating into it;
 //                                                          skipped when the features need no gradient
 //
 // Types: float (vectorised passes, cloned for AVX-512 / AVX2 / baseline) and double (same code, for the tests and
@@ -283,7 +284,6 @@ std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor> region_attention_b
   const auto gA = grad_attended.narrow(2, 0, D);
   const auto grad_alpha = at::bmm(gA, features.transpose(1, 2));  // [B, M, R]; the ones column is added below
   auto glT = at::empty({M, B * R}, options);                       // grad of the logits, [M, B R]
-  auto d_pre = at::empty({B * R, H}, options);
   const int64_t blocks = (B * R + kRowBlock - 1) / kRowBlock;
   auto colsums = at::empty({blocks, H}, options);
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "region_attention_backward_cpu", [&] {
@@ -306,33 +306,49 @@ std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor> region_attention_b
         }
       }
     });
-    const auto w2t = w2.narrow(0, 0, H).t().contiguous();  // [M, H]
-    const T* w2tp = w2t.const_data_ptr<T>();
-    const T* t = hidden.const_data_ptr<T>();
-    T* d = d_pre.mutable_data_ptr<T>();
-    T* cs = colsums.mutable_data_ptr<T>();
-    at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t r0 = k * kRowBlock, n = std::min(kRowBlock, B * R - r0);
-        tanh_grad(g + r0, B * R, w2tp, t + r0 * H, d + r0 * H, cs + k * H, n, M, H);
-      }
-    });
   });
   auto grad_b1 = grad_w1.select(0, D);
   auto grad_w1_rows = grad_w1.narrow(0, 0, D);
   auto grad_b2 = grad_w2.select(0, H);
   auto grad_w2_rows = grad_w2.narrow(0, 0, H);
-  at::sum_out(grad_b1, colsums, {0});  // fixed block order: deterministic
   grad_w2_rows.copy_(at::mm(glT, hidden.view({B * R, H})).t());  // grad_logits^T hidden: [M, H], M-wide rows
   at::sum_out(grad_b2, glT, {1});
   const auto rows = features.view({B * R, D});
-  at::mm_out(grad_w1_rows, rows.t(), d_pre);
+  const auto w1t = w1.narrow(0, 0, D).t();
   std::optional<at::Tensor> grad_features;  // None when the features need no gradient: two GEMMs saved
+  at::Tensor grad_rows;
   if (features_need_grad) {
-    auto grad = at::bmm(alpha.transpose(1, 2), gA);  // [B, R, D]
-    grad.view({B * R, D}).addmm_(d_pre, w1.narrow(0, 0, D).t());
-    grad_features = grad;
+    grad_features = at::bmm(alpha.transpose(1, 2), gA);  // [B, R, D]; d_pre w1[:D]^T is added chunk by chunk
+    grad_rows = grad_features->view({B * R, D});
   }
+  // d_pre goes ~1 MB of rows at a time (a whole number of row blocks): each chunk feeds the two GEMMs while it is
+  // in cache, and d_pre never exists for the whole batch.
+  const int64_t chunk = kRowBlock * std::max<int64_t>(1, ((1 << 18) / std::max<int64_t>(H, 1)) / kRowBlock);
+  auto d_pre = at::empty({std::min(chunk, B * R), H}, options);
+  const auto w2t = w2.narrow(0, 0, H).t().contiguous();  // [M, H]
+  grad_w1_rows.zero_();
+  for (int64_t c0 = 0; c0 < B * R; c0 += chunk) {
+    const int64_t n = std::min(chunk, B * R - c0);
+    auto d_chunk = d_pre.narrow(0, 0, n);
+    AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "region_attention_backward_tanh", [&] {
+      using T = scalar_t;
+      const T* g = glT.const_data_ptr<T>();
+      const T* w2tp = w2t.const_data_ptr<T>();
+      const T* t = hidden.const_data_ptr<T>();
+      T* d = d_chunk.mutable_data_ptr<T>();
+      T* cs = colsums.mutable_data_ptr<T>();
+      const int64_t k_first = c0 / kRowBlock, k_last = (c0 + n + kRowBlock - 1) / kRowBlock;
+      at::parallel_for(k_first, k_last, 1, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t r0 = k * kRowBlock, m = std::min(kRowBlock, c0 + n - r0);
+          tanh_grad(g + r0, B * R, w2tp, t + r0 * H, d + (r0 - c0) * H, cs + k * H, m, M, H);
+        }
+      });
+    });
+    grad_w1_rows.addmm_(rows.narrow(0, c0, n).t(), d_chunk);
+    if (features_need_grad) grad_rows.narrow(0, c0, n).addmm_(d_chunk, w1t);
+  }
+  at::sum_out(grad_b1, colsums, {0});  // fixed block order: deterministic
   return {grad_features, grad_w1, grad_w2};
 }
 
