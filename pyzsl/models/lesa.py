@@ -37,6 +37,10 @@ class LESAOutput(NamedTuple):
     attention: SharedAttention
     regions: Tensor       # [B, R, D] region features after conv/BN/ReLU
     classifiers: Tensor   # [L, D]
+    # [B, D] sum over the regions (relevance loss). Computed before the attention, so that in the backward its
+    # broadcast gradient is added in place to the attention's [B, R, D] feature gradient instead of the other way
+    # round (which allocates a new [B, R, D] tensor).
+    region_sum: Optional[Tensor] = None
 
 
 def _normalised(vectors: Tensor, name: str) -> Tensor:
@@ -127,9 +131,10 @@ class LESA(nn.Module):
             raise ValueError(f"LESA: features must be [B, {self.grid[0] * self.grid[1]}, {self.feature_dim}] "
                              f"(grid {self.grid}), got {list(features.shape)}")
         regions = self.region_features(features)
+        region_sum = regions.sum(1)
         classifiers = self.label_projection(self.vectors(label_set))
         attention = shared_multi_attention(regions, self.w1, self.w2, classifiers, backend=self.backend)
-        return LESAOutput(attention.scores, attention, regions, classifiers)
+        return LESAOutput(attention.scores, attention, regions, classifiers, region_sum)
 
 
 def distribution_loss(output: LESAOutput, targets: Tensor) -> Tensor:
@@ -146,7 +151,8 @@ def relevance_loss(output: LESAOutput, targets: Tensor, margin: float = 0.0) -> 
     """Per-image ``sum_l max(0, margin - (s_l - g_l) y_l)`` with ``g_l`` the global-average-pooling score [B]."""
     # mean_r(F_r) . c_l written as (sum_r F_r . c_l) / R: the same value, but the backward of a sum is a broadcast,
     # while mean's backward materialises a divided [B, R, D] gradient.
-    global_scores = (output.regions.sum(1) @ output.classifiers.t()) / output.regions.shape[1]
+    region_sum = output.regions.sum(1) if output.region_sum is None else output.region_sum
+    global_scores = (region_sum @ output.classifiers.t()) / output.regions.shape[1]
     return F.relu(margin - (output.scores - global_scores) * targets.to(output.scores.dtype)).sum(1)
 
 
