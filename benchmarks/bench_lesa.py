@@ -4,6 +4,8 @@ computes (the full [B, M, L] head scores, the [B, L, L] pair tensor).
 Shapes follow LESA training: B = 32 images, R = 196 regions, D = 512 features, H = 512 hidden, M = 10 heads, label
 vectors of 300 dims, L = 925 (NUS-WIDE seen) and 7,186 (Open Images seen). Rows:
 - attention: ``shared_multi_attention`` (attention over regions, attended features, max over heads), fwd + bwd;
+  pyzsl: the fused C++ op ``pyzsl::region_attention`` and the C++ head max; reference: the plain-PyTorch formula
+  (``pyzsl.ops._reference.region_attention``) and the full [B, M, L] head scores;
 - rank loss: ``lesa_rank_loss``, fwd + bwd;
 - step: one whole LESA training step: the model (2x2 conv + BN + ReLU, shared attention, c_l = W v_l, max over
   heads), its four losses (rank + 0.1 distribution + 0.001 relevance + 0.01 diversity), backward, and a TF1 RMSProp
@@ -24,9 +26,10 @@ import time
 
 import torch
 
+import pyzsl
 from pyzsl.models._reference import pairwise_rank_loss, published_lesa_losses
 from pyzsl.models.lesa import LESA, LESALossWeights, TFRMSprop, lesa_loss
-from pyzsl.ops import lesa_rank_loss, shared_multi_attention
+from pyzsl.ops import _reference, lesa_rank_loss, region_attention, shared_multi_attention
 
 B, R, D, H, M, V = 32, 196, 512, 512, 10, 300
 POSITIVE_RATE = {925: 0.03, 7186: 0.01}
@@ -97,6 +100,23 @@ def run(row, path, inputs, optimizer_state=None):
     return loss.detach(), [p.detach() for p in model.parameters()]
 
 
+def check_region_attention():
+    """The fused op against the reference formula, float64, LESA's sizes on 4 images: both outputs and the gradients
+    of features, w1 and w2."""
+    g = torch.Generator().manual_seed(3)
+    features = torch.randn(4, R, D, generator=g, dtype=torch.float64).relu().requires_grad_(True)
+    w1 = (torch.randn(D + 1, H, generator=g, dtype=torch.float64) * D ** -0.5).requires_grad_(True)
+    w2 = (torch.randn(H + 1, M, generator=g, dtype=torch.float64) * H ** -0.5).requires_grad_(True)
+    ours = region_attention(features, w1, w2, backend="cpp")
+    ref = _reference.region_attention(features, w1, w2)
+    weights = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in ref]
+    grads = [torch.autograd.grad(sum((o * w).sum() for o, w in zip(out, weights)), (features, w1, w2))
+             for out in (ours, ref)]
+    for a, b in zip(list(ours) + list(grads[0]), list(ref) + list(grads[1])):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    print("check: region_attention cpp = reference (float64; attended, logits, gradients of features, w1, w2)")
+
+
 def best_time(fn, repeats):
     start = time.perf_counter()
     fn()
@@ -145,7 +165,8 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"threads: {torch.get_num_threads()}; B={B} R={R} D={D} H={H} M={M}")
+    print(f"threads: {torch.get_num_threads()}; B={B} R={R} D={D} H={H} M={M}; pyzsl from {pyzsl.__file__}")
+    check_region_attention()
     speedups = {}
     for L in args.sizes:
         inputs = make_inputs(L)

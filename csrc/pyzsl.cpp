@@ -51,6 +51,23 @@ TORCH_LIBRARY(pyzsl, m) {
   m.def(
       "_head_max_scores_backward(Tensor grad_scores, Tensor head, Tensor attended, Tensor classifiers) "
       "-> (Tensor grad_attended, Tensor grad_classifiers)");
+  // LESA's attention over regions (M heads shared by every label, the append-a-one trick as bias rows):
+  // hidden = tanh(features w1[:D] + w1[D]) [B, R, H], attention_logits[b, m, r] = hidden[b, r] . w2[:H, m] + w2[H, m],
+  // alpha = softmax over r, attended[b, m] = [sum_r alpha F_r, sum_r alpha] [B, M, D + 1]. hidden and alpha are what
+  // the backward needs. The backward's grad_features is None when features_need_grad is false.
+  m.def(
+      "region_attention(Tensor features, Tensor w1, Tensor w2) "
+      "-> (Tensor attended, Tensor attention_logits, Tensor hidden, Tensor alpha)");
+  m.def(
+      "_region_attention_backward(Tensor grad_attended, Tensor grad_attention_logits, Tensor features, Tensor w1, "
+      "Tensor w2, Tensor hidden, Tensor alpha, bool features_need_grad) "
+      "-> (Tensor? grad_features, Tensor grad_w1, Tensor grad_w2)");
+  // Training-mode batch norm + ReLU on channels-last rows x [N, C] (LESA's conv output): out = max(0, (x - mean) /
+  // sqrt(var + eps) * weight + bias) with the batch's mean and biased var, returned in float64 for the running stats.
+  m.def("batch_norm_relu(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor out, Tensor mean, Tensor var)");
+  m.def(
+      "_batch_norm_relu_backward(Tensor grad_out, Tensor out, Tensor x, Tensor weight, Tensor mean, Tensor var, "
+      "float eps) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
   // TF-VAEGAN's synthesis with feedback for N rows (nn.Linear weight layout [out, in], LeakyReLU slope 0.2):
   // x1 = lrelu(gen_fc1([noise, attributes])), h = lrelu(dec_fc1(sigmoid(gen_fc3(x1)))),
   // fb = lrelu(fb_fc2(lrelu(fb_fc1(h)))), out = sigmoid(gen_fc3(x1 + alpha * fb)). Rows go chunk_size at a time.

@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._backend import resolve_backend
 from ..ops import lesa_rank_loss, shared_multi_attention
 from ..ops.attention import SharedAttention
+from ..ops.norm import batch_norm_relu
 from ._distributed import GlobalBatchNorm2d, all_reduce_sum, global_batch_size, world_size
 
 LABEL_SETS = ("seen", "unseen", "all")
@@ -35,6 +37,10 @@ class LESAOutput(NamedTuple):
     attention: SharedAttention
     regions: Tensor       # [B, R, D] region features after conv/BN/ReLU
     classifiers: Tensor   # [L, D]
+    # [B, D] sum over the regions (relevance loss). Computed before the attention, so that in the backward its
+    # broadcast gradient is added in place to the attention's [B, R, D] feature gradient instead of the other way
+    # round (which allocates a new [B, R, D] tensor).
+    region_sum: Optional[Tensor] = None
 
 
 def _normalised(vectors: Tensor, name: str) -> Tensor:
@@ -90,8 +96,34 @@ class LESA(nn.Module):
         h, w = self.grid
         maps = features.transpose(1, 2).reshape(B, D, h, w)
         # TF 'SAME' padding of a 2x2 kernel: one zero row and column after the map.
-        maps = F.relu(self.bn(self.conv(F.pad(maps, (0, 1, 0, 1)))))
+        conv = self.conv(F.pad(maps, (0, 1, 0, 1)))
+        if self._fused_batch_norm_relu(conv):
+            # The conv output is channels-last ([B, h, w, D] in memory), so its rows are the regions: batch norm and
+            # ReLU as one op on [B R, D], the running statistics updated as nn.BatchNorm2d updates them.
+            fused = batch_norm_relu(conv.permute(0, 2, 3, 1).reshape(B * R, D), self.bn.weight, self.bn.bias,
+                                    self.bn.eps, backend="cpp")
+            self._update_running_stats(fused.mean, fused.var, B * R)
+            return fused.out.view(B, R, D)
+        maps = F.relu(self.bn(conv))
         return maps.reshape(B, D, R).transpose(1, 2)
+
+    def _fused_batch_norm_relu(self, conv: Tensor) -> bool:
+        """Whether the fused batch norm + ReLU op computes this batch: training on one process with the cpp backend,
+        float32/float64. Otherwise (evaluation, reference backend, DDP's global statistics) BatchNorm2d and ReLU do."""
+        if not (self.training and self.bn.affine and self.bn.track_running_stats and world_size() == 1):
+            return False
+        if conv.dtype not in (torch.float32, torch.float64) or conv.shape[0] * conv.shape[2] * conv.shape[3] < 2:
+            return False
+        op = "LESA batch norm"
+        return resolve_backend(self.backend, conv.device, op, implemented=("reference", "cpp")) == "cpp"
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, var: Tensor, count: int) -> None:
+        bn = self.bn
+        bn.num_batches_tracked.add_(1)
+        factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
+        bn.running_var.lerp_((var * (count / (count - 1))).to(bn.running_var.dtype), factor)  # unbiased, as torch
 
     def forward(self, features: Tensor, label_set: str = "seen") -> LESAOutput:
         if features.dim() != 3 or features.shape[2] != self.feature_dim or \
@@ -99,9 +131,10 @@ class LESA(nn.Module):
             raise ValueError(f"LESA: features must be [B, {self.grid[0] * self.grid[1]}, {self.feature_dim}] "
                              f"(grid {self.grid}), got {list(features.shape)}")
         regions = self.region_features(features)
+        region_sum = regions.sum(1)
         classifiers = self.label_projection(self.vectors(label_set))
         attention = shared_multi_attention(regions, self.w1, self.w2, classifiers, backend=self.backend)
-        return LESAOutput(attention.scores, attention, regions, classifiers)
+        return LESAOutput(attention.scores, attention, regions, classifiers, region_sum)
 
 
 def distribution_loss(output: LESAOutput, targets: Tensor) -> Tensor:
@@ -116,7 +149,10 @@ def distribution_loss(output: LESAOutput, targets: Tensor) -> Tensor:
 
 def relevance_loss(output: LESAOutput, targets: Tensor, margin: float = 0.0) -> Tensor:
     """Per-image ``sum_l max(0, margin - (s_l - g_l) y_l)`` with ``g_l`` the global-average-pooling score [B]."""
-    global_scores = output.regions.mean(1) @ output.classifiers.t()
+    # mean_r(F_r) . c_l written as (sum_r F_r . c_l) / R: the same value, but the backward of a sum is a broadcast,
+    # while mean's backward materialises a divided [B, R, D] gradient.
+    region_sum = output.regions.sum(1) if output.region_sum is None else output.region_sum
+    global_scores = (region_sum @ output.classifiers.t()) / output.regions.shape[1]
     return F.relu(margin - (output.scores - global_scores) * targets.to(output.scores.dtype)).sum(1)
 
 

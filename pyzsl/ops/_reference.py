@@ -26,3 +26,18 @@ def head_max_scores(attended: Tensor, classifiers: Tensor):
     all_heads = torch.einsum("bmd,ld->bml", attended, classifiers)
     scores, head = all_heads.max(dim=1)
     return scores, head
+
+
+def region_attention(features: Tensor, w1: Tensor, w2: Tensor):
+    """LESA's attention over regions in plain PyTorch ops: ``(attended [B, M, D + 1], attention_logits [B, M, R])``.
+
+    ``alpha = softmax_r([tanh([F, 1] w1), 1] w2)``, ``attended[b, m] = sum_r alpha_mr [F_r, 1]``. The appended ones
+    are written as bias rows (w1[D], w2[H]): the same values, without concatenated copies.
+    """
+    B, R, D = features.shape
+    H, M = w1.shape[1], w2.shape[1]
+    hidden = torch.tanh(torch.addmm(w1[D], features.reshape(B * R, D), w1[:D]))          # [B R, H]
+    attention_logits = torch.addmm(w2[H], hidden, w2[:H]).view(B, R, M).transpose(1, 2)  # [B, M, R]
+    alpha = torch.softmax(attention_logits, dim=2)
+    attended = torch.cat([alpha @ features, alpha.sum(2, keepdim=True)], dim=2)           # [B, M, D + 1]
+    return attended, attention_logits
