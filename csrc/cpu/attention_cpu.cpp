@@ -45,41 +45,16 @@
 #include <optional>
 #include <vector>
 
+#include "vector_math.h"
+
 namespace pyzsl {
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYZSL_ATT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PYZSL_ATT_CLONES
-#endif
-#define PYZSL_ATT_INLINE inline __attribute__((always_inline))
-
 constexpr int64_t kRowBlock = 64;  // rows per block of the backward's fused pass (fixed: deterministic sums)
-
-// Rows per parallel task of an elementwise pass: about 32k elements.
-int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
-
-PYZSL_ATT_INLINE float exp_approx(float x) {
-  // exp(x) = 2^n e^r with n = round(x / ln 2), |r| <= ln 2 / 2; x clamped so 2^n stays a normal float (Cephes).
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float t = x * 1.44269504088896341f;
-  const int32_t ni = static_cast<int32_t>(t + (t >= 0.0f ? 0.5f : -0.5f));
-  const float n = static_cast<float>(ni);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * std::bit_cast<float>((ni + 127) << 23);
-}
 
 // Branch-free tanh (Cephes tanhf): an odd polynomial below |x| = 0.625, 1 - 2 / (e^{2|x|} + 1) above; within a few
 // ulp of std::tanh.
-PYZSL_ATT_INLINE float tanh_approx(float x) {
+PYZSL_INLINE float tanh_approx(float x) {
   const float a = x < 0.0f ? -x : x;
   const float z = x * x;
   const float small =
@@ -90,18 +65,18 @@ PYZSL_ATT_INLINE float tanh_approx(float x) {
   return a < 0.625f ? small : signed_large;
 }
 
-PYZSL_ATT_INLINE float tanh_of(float x) { return tanh_approx(x); }
-PYZSL_ATT_INLINE double tanh_of(double x) { return std::tanh(x); }
+PYZSL_INLINE float tanh_of(float x) { return tanh_approx(x); }
+PYZSL_INLINE double tanh_of(double x) { return std::tanh(x); }
 
 // x[r, c] = tanh(x[r, c] + b[c]) in place.
 template <typename T>
-PYZSL_ATT_INLINE void tanh_bias_rows(T* x, const T* __restrict b, int64_t rows, int64_t cols) {
+PYZSL_INLINE void tanh_bias_rows(T* x, const T* __restrict b, int64_t rows, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r) {
     T* __restrict row = x + r * cols;
     for (int64_t c = 0; c < cols; ++c) row[c] = tanh_of(row[c] + b[c]);
   }
 }
-PYZSL_ATT_CLONES void tanh_bias_f32(float* x, const float* b, int64_t rows, int64_t cols) {
+PYZSL_CLONES void tanh_bias_f32(float* x, const float* b, int64_t rows, int64_t cols) {
   tanh_bias_rows<float>(x, b, rows, cols);
 }
 void tanh_bias_f64(double* x, const double* b, int64_t rows, int64_t cols) { tanh_bias_rows<double>(x, b, rows, cols); }
@@ -109,7 +84,7 @@ void tanh_bias_f64(double* x, const double* b, int64_t rows, int64_t cols) { tan
 // d[r, h] = (1 - t[r, h]^2) * sum_m g[m, r] w2t[m, h] for the rows of one block (g is [M, rows] with row stride
 // g_stride), and colsum[h] = sum_r d[r, h].
 template <typename T>
-PYZSL_ATT_INLINE void tanh_grad_rows(const T* __restrict g, int64_t g_stride, const T* __restrict w2t,
+PYZSL_INLINE void tanh_grad_rows(const T* __restrict g, int64_t g_stride, const T* __restrict w2t,
                                      const T* __restrict t, T* __restrict d, T* __restrict colsum, int64_t rows,
                                      int64_t M, int64_t H) {
   for (int64_t h = 0; h < H; ++h) colsum[h] = T(0);
@@ -129,37 +104,37 @@ PYZSL_ATT_INLINE void tanh_grad_rows(const T* __restrict g, int64_t g_stride, co
     }
   }
 }
-PYZSL_ATT_CLONES void tanh_grad_f32(const float* g, int64_t g_stride, const float* w2t, const float* t, float* d,
+PYZSL_CLONES void tanh_grad_f32(const float* g, int64_t g_stride, const float* w2t, const float* t, float* d,
                                     float* colsum, int64_t rows, int64_t M, int64_t H) {
   tanh_grad_rows<float>(g, g_stride, w2t, t, d, colsum, rows, M, H);
 }
-PYZSL_ATT_CLONES void tanh_grad_f64(const double* g, int64_t g_stride, const double* w2t, const double* t, double* d,
+PYZSL_CLONES void tanh_grad_f64(const double* g, int64_t g_stride, const double* w2t, const double* t, double* d,
                                     double* colsum, int64_t rows, int64_t M, int64_t H) {
   tanh_grad_rows<double>(g, g_stride, w2t, t, d, colsum, rows, M, H);
 }
 
 // out[d] += a * x[d]
 template <typename T>
-PYZSL_ATT_INLINE void axpy(T* __restrict out, const T* __restrict x, T a, int64_t n) {
+PYZSL_INLINE void axpy(T* __restrict out, const T* __restrict x, T a, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] += a * x[i];
 }
-PYZSL_ATT_CLONES void axpy_f32(float* out, const float* x, float a, int64_t n) { axpy<float>(out, x, a, n); }
-PYZSL_ATT_CLONES void axpy_f64(double* out, const double* x, double a, int64_t n) { axpy<double>(out, x, a, n); }
+PYZSL_CLONES void axpy_f32(float* out, const float* x, float a, int64_t n) { axpy<float>(out, x, a, n); }
+PYZSL_CLONES void axpy_f64(double* out, const double* x, double a, int64_t n) { axpy<double>(out, x, a, n); }
 
-PYZSL_ATT_INLINE void tanh_bias(float* x, const float* b, int64_t rows, int64_t cols) { tanh_bias_f32(x, b, rows, cols); }
-PYZSL_ATT_INLINE void tanh_bias(double* x, const double* b, int64_t rows, int64_t cols) {
+PYZSL_INLINE void tanh_bias(float* x, const float* b, int64_t rows, int64_t cols) { tanh_bias_f32(x, b, rows, cols); }
+PYZSL_INLINE void tanh_bias(double* x, const double* b, int64_t rows, int64_t cols) {
   tanh_bias_f64(x, b, rows, cols);
 }
-PYZSL_ATT_INLINE void tanh_grad(const float* g, int64_t g_stride, const float* w2t, const float* t, float* d,
+PYZSL_INLINE void tanh_grad(const float* g, int64_t g_stride, const float* w2t, const float* t, float* d,
                                 float* colsum, int64_t rows, int64_t M, int64_t H) {
   tanh_grad_f32(g, g_stride, w2t, t, d, colsum, rows, M, H);
 }
-PYZSL_ATT_INLINE void tanh_grad(const double* g, int64_t g_stride, const double* w2t, const double* t, double* d,
+PYZSL_INLINE void tanh_grad(const double* g, int64_t g_stride, const double* w2t, const double* t, double* d,
                                 double* colsum, int64_t rows, int64_t M, int64_t H) {
   tanh_grad_f64(g, g_stride, w2t, t, d, colsum, rows, M, H);
 }
-PYZSL_ATT_INLINE void axpy_any(float* out, const float* x, float a, int64_t n) { axpy_f32(out, x, a, n); }
-PYZSL_ATT_INLINE void axpy_any(double* out, const double* x, double a, int64_t n) { axpy_f64(out, x, a, n); }
+PYZSL_INLINE void axpy_any(float* out, const float* x, float a, int64_t n) { axpy_f32(out, x, a, n); }
+PYZSL_INLINE void axpy_any(double* out, const double* x, double a, int64_t n) { axpy_f64(out, x, a, n); }
 
 void check_region_attention_inputs(const at::Tensor& features, const at::Tensor& w1, const at::Tensor& w2,
                                    const char* op) {

@@ -30,13 +30,14 @@
 #include <optional>
 #include <vector>
 
+#include "vector_math.h"
+
 namespace pyzsl {
 namespace {
 
 constexpr double kSlope = 0.2;  // LeakyReLU(0.2), as published
 
 // Rows per parallel task of an elementwise pass: about 32k elements.
-int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
 
 template <typename T>
 inline T leaky(T v) {
@@ -54,16 +55,8 @@ inline T sigmoid(T v) {
 }
 
 // --- vectorised epilogues for float32 and bfloat16 storage ------------------------------------------------------
-// The build compiles for baseline x86-64 (SSE2); these loops are cloned for AVX-512 and AVX2 and picked at load time
-// (GCC function multiversioning), so they run at the width of the machine. Each is branch-free so that it
-// vectorises, exp included (a Cephes-style polynomial, within 1 ulp of exp over [-87, 88]). Measured on CUB shapes,
+// PYZSL_CLONES loops (vector_math.h), branch-free so that they vectorise, exp included. Measured on CUB shapes,
 // scalar epilogues took ~5% of the fp32 op and ~15% of the bf16 one.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYZSL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PYZSL_CLONES
-#endif
-#define PYZSL_INLINE inline __attribute__((always_inline))
 
 struct F32 {  // float storage
   using T = float;
@@ -80,24 +73,6 @@ struct BF16 {  // bfloat16 storage as raw bits; round to nearest even and quiet 
     return f != f ? static_cast<uint16_t>(0x7FC0) : rounded;
   }
 };
-
-PYZSL_INLINE float exp_approx(float x) {
-  // exp(x) = 2^n e^r with n = round(x / ln 2), |r| <= ln 2 / 2; x clamped so 2^n stays a normal float.
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float t = x * 1.44269504088896341f;
-  const int32_t ni = static_cast<int32_t>(t + (t >= 0.0f ? 0.5f : -0.5f));  // round half away (floor is a call)
-  const float n = static_cast<float>(ni);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const float scale = std::bit_cast<float>((ni + 127) << 23);
-  return p * scale;
-}
 
 template <typename S>
 PYZSL_INLINE void bias_leaky_rows(typename S::T* x, const float* __restrict b, int64_t rows, int64_t cols) {
