@@ -10,9 +10,10 @@
 //      many positives lie in lower bins. The bin function is monotone, so a score's bucket is that count plus a
 //      comparison with the positives of its own bin (usually none to three, compared without branches): exact.
 //   3. Each thread owns a range of labels and reads its part of the rows in order, a tile at a time, copying the
-//      tile column by column into a buffer (entries that take no part become NaN); then each label's run of the
-//      buffer is classified 16 scores at a time (AVX-512 where the CPU has it) into below / inside / above the
-//      positives' range, and only the scores inside go through the label's table, which is hot in cache.
+//      tile column by column into a buffer (with AVX-512 only the entries that take part; the portable loop marks
+//      the others NaN); then each label's run of the buffer is classified 16 scores at a time (AVX-512 where the CPU
+//      has it) into below / inside / above the positives' range, and only the scores inside go through the label's
+//      table, which is hot in cache.
 //
 // multilabel_topk_hits keeps, per row, a sorted buffer of the k best (score, index) pairs in one pass, skipping
 // whole chunks of the row that cannot beat the current k-th best.
@@ -147,7 +148,6 @@ struct LabelTable {
   std::vector<int32_t> bins;  // per bin: (#positives in lower bins) << 3 | min(#positives in the bin, 4)
   std::vector<int32_t> count;  // count[m] = #other annotated entries in [lo, hi) with exactly m positives <= them
   int64_t above = 0;          // other annotated entries >= hi
-
 
   void build(const T* first, int64_t n) {
     P = n;
@@ -376,8 +376,8 @@ std::tuple<at::Tensor, at::Tensor> multilabel_ap_cpu(const at::Tensor& scores_in
   std::optional<at::Tensor> row_mask;
   if (row_mask_in.has_value()) row_mask = row_mask_in->contiguous();
   const int64_t N = scores.size(0), L = scores.size(1);
-  // Bucket counts are int32 and bin entries pack a positive count shifted by 2 bits.
-  TORCH_CHECK_VALUE(N < (int64_t{1} << 29), "multilabel_ap: at most 2^29 rows per call, got ", N);
+  // Bucket counts are int32, and bin entries pack a count of positives (at most N) shifted left by 3 bits.
+  TORCH_CHECK_VALUE(N < (int64_t{1} << 28), "multilabel_ap: at most 2^28 rows per call, got ", N);
   auto ap = at::zeros({L}, scores.options().dtype(at::kDouble));
   auto num_positives = at::zeros({L}, scores.options().dtype(at::kLong));
   if (N == 0 || L == 0) return {ap, num_positives};
@@ -453,7 +453,7 @@ void topk_kernel(const scalar_t* scores, const int8_t* targets, int64_t N, int64
       for (; j < L; ++j) offer(j);
       bool* h = hits + n * k;
       for (int64_t r = 0; r < k; ++r) h[r] = r < kept && t[best_index[r]] == 1;
-      int32_t positives = 0;  // L < 2^31 (int32 label index in the AP kernel's gather)
+      int64_t positives = 0;
       for (int64_t j = 0; j < L; ++j) positives += t[j] == 1;
       row_positives[n] = positives;
     }

@@ -88,7 +88,10 @@ def _check_region_inputs(op: str, features: Tensor, w1: Tensor, w2: Tensor, clas
     return B, R, D, H, M
 
 
-def _fused_region_attention(features: Tensor, w1: Tensor, w2: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+def _attention_over_regions(features: Tensor, w1: Tensor, w2: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    """(attended, attention_logits) on a resolved backend; inputs already checked."""
+    if backend == "reference":
+        return _reference.region_attention(features, w1, w2)
     if features.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"region_attention: the {backend} kernel takes float32 or float64, got {features.dtype}; "
                          f"use backend='reference' for other dtypes")
@@ -117,9 +120,7 @@ def region_attention(features: Tensor, w1: Tensor, w2: Tensor, *, backend: Optio
     op = "region_attention"
     _check_region_inputs(op, features, w1, w2)
     backend = resolve_backend(backend, features.device, op, implemented=_IMPLEMENTED)
-    if backend == "reference":
-        return RegionAttention(*_reference.region_attention(features, w1, w2))
-    return RegionAttention(*_fused_region_attention(features, w1, w2, backend))
+    return RegionAttention(*_attention_over_regions(features, w1, w2, backend))
 
 
 def shared_multi_attention(
@@ -141,10 +142,7 @@ def shared_multi_attention(
     op = "shared_multi_attention"
     _, _, D, _, _ = _check_region_inputs(op, features, w1, w2, classifiers)
     backend = resolve_backend(backend, features.device, op, implemented=_IMPLEMENTED)
-    if backend == "reference":
-        attended, attention_logits = _reference.region_attention(features, w1, w2)
-    else:
-        attended, attention_logits = _fused_region_attention(features, w1, w2, backend)
+    attended, attention_logits = _attention_over_regions(features, w1, w2, backend)
     scores, head = head_max_scores(attended[:, :, :D], classifiers, backend=backend)
     return SharedAttention(scores, head, attended, attention_logits)
 
