@@ -62,6 +62,14 @@ TORCH_LIBRARY(pyzsl, m) {
       "_region_attention_backward(Tensor grad_attended, Tensor grad_attention_logits, Tensor features, Tensor w1, "
       "Tensor w2, Tensor hidden, Tensor alpha, bool features_need_grad) "
       "-> (Tensor? grad_features, Tensor grad_w1, Tensor grad_w2)");
+  // 2x2 convolution with TF 'SAME' padding (one zero row and column after the map) on channels-last maps (LESA's
+  // conv): out[b, i, j] = bias + sum_{a, c in {0, 1}} weight[:, :, a, c] x[b, i + a, j + c]. x [B, h, w, C_in],
+  // weight [C_out, C_in, 2, 2] (nn.Conv2d's layout), out [B, h, w, C_out]. tiles [9, B ceil(h/2) ceil(w/2), C_in] is
+  // the Winograd-transformed input, kept for the weight gradient; grad_x is None when x_needs_grad is false.
+  m.def("conv2x2_same(Tensor x, Tensor weight, Tensor bias) -> (Tensor out, Tensor tiles)");
+  m.def(
+      "_conv2x2_same_backward(Tensor grad_out, Tensor tiles, Tensor weight, bool x_needs_grad) "
+      "-> (Tensor? grad_x, Tensor grad_weight, Tensor grad_bias)");
   // Training-mode batch norm + ReLU on channels-last rows x [N, C] (LESA's conv output): out = max(0, (x - mean) /
   // sqrt(var + eps) * weight + bias) with the batch's mean and biased var, returned in float64 for the running stats.
   m.def("batch_norm_relu(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor out, Tensor mean, Tensor var)");

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .._backend import resolve_backend
 from ..ops import lesa_rank_loss, shared_multi_attention
 from ..ops.attention import SharedAttention
+from ..ops.conv import conv2x2_same
 from ..ops.norm import batch_norm_relu
 from ._distributed import GlobalBatchNorm2d, all_reduce_sum, global_batch_size, world_size
 
@@ -94,28 +95,36 @@ class LESA(nn.Module):
         if not self.use_conv:
             return features
         h, w = self.grid
-        maps = features.transpose(1, 2).reshape(B, D, h, w)
-        # TF 'SAME' padding of a 2x2 kernel: one zero row and column after the map.
-        conv = self.conv(F.pad(maps, (0, 1, 0, 1)))
-        if self._fused_batch_norm_relu(conv):
-            # The conv output is channels-last ([B, h, w, D] in memory), so its rows are the regions: batch norm and
-            # ReLU as one op on [B R, D], the running statistics updated as nn.BatchNorm2d updates them.
-            fused = batch_norm_relu(conv.permute(0, 2, 3, 1).reshape(B * R, D), self.bn.weight, self.bn.bias,
-                                    self.bn.eps, backend="cpp")
+        if self._cpp_kernel(features, "LESA conv"):
+            # Our Winograd conv reads the [B, R, D] features as the channels-last map and writes channels-last rows.
+            rows = conv2x2_same(features.view(B, h, w, D), self.conv.weight, self.conv.bias, backend="cpp")
+            rows = rows.reshape(B * R, D)
+        else:
+            # TF 'SAME' padding of a 2x2 kernel: one zero row and column after the map.
+            conv = self.conv(F.pad(features.transpose(1, 2).reshape(B, D, h, w), (0, 1, 0, 1)))
+            rows = conv.permute(0, 2, 3, 1).reshape(B * R, D)
+        if self._fused_batch_norm_relu(rows):
+            # Batch norm and ReLU as one op on the region rows, the running statistics updated as nn.BatchNorm2d
+            # updates them.
+            fused = batch_norm_relu(rows, self.bn.weight, self.bn.bias, self.bn.eps, backend="cpp")
             self._update_running_stats(fused.mean, fused.var, B * R)
             return fused.out.view(B, R, D)
-        maps = F.relu(self.bn(conv))
-        return maps.reshape(B, D, R).transpose(1, 2)
+        maps = F.relu(self.bn(rows.view(B, h, w, D).permute(0, 3, 1, 2)))
+        return maps.permute(0, 2, 3, 1).reshape(B, R, D)
 
-    def _fused_batch_norm_relu(self, conv: Tensor) -> bool:
-        """Whether the fused batch norm + ReLU op computes this batch: training on one process with the cpp backend,
-        float32/float64. Otherwise (evaluation, reference backend, DDP's global statistics) BatchNorm2d and ReLU do."""
+    def _cpp_kernel(self, x: Tensor, op: str) -> bool:
+        """Whether this model's backend resolves to the cpp kernels for x (float32/float64)."""
+        if x.dtype not in (torch.float32, torch.float64):
+            return False
+        return resolve_backend(self.backend, x.device, op, implemented=("reference", "cpp")) == "cpp"
+
+    def _fused_batch_norm_relu(self, rows: Tensor) -> bool:
+        """Whether the fused batch norm + ReLU op computes this batch of region rows [B R, D]: training on one process
+        with the cpp backend. Otherwise (evaluation, reference backend, DDP's global statistics) BatchNorm2d and ReLU
+        do."""
         if not (self.training and self.bn.affine and self.bn.track_running_stats and world_size() == 1):
             return False
-        if conv.dtype not in (torch.float32, torch.float64) or conv.shape[0] * conv.shape[2] * conv.shape[3] < 2:
-            return False
-        op = "LESA batch norm"
-        return resolve_backend(self.backend, conv.device, op, implemented=("reference", "cpp")) == "cpp"
+        return rows.shape[0] >= 2 and self._cpp_kernel(rows, "LESA batch norm")
 
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, count: int) -> None:
