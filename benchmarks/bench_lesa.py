@@ -9,8 +9,9 @@ vectors of 300 dims, L = 925 (NUS-WIDE seen) and 7,186 (Open Images seen). Rows:
 - rank loss: ``lesa_rank_loss``, fwd + bwd;
 - step: one whole LESA training step: the model (2x2 conv + BN + ReLU, shared attention, c_l = W v_l, max over
   heads), its four losses (rank + 0.1 distribution + 0.001 relevance + 0.01 diversity), backward, and a TF1 RMSProp
-  step. pyzsl: ``LESA`` + ``lesa_loss`` on the cpp kernels; reference: the same model with the losses as the
-  published code computes them (``pyzsl.models._reference.published_lesa_losses``: full [B, M, L], pair tensor).
+  step. pyzsl: ``LESA`` + ``lesa_loss`` on the cpp kernels (Winograd 2x2 conv, fused batch norm + ReLU, fused
+  attention, head max, rank loss); reference: the model's plain-PyTorch path (``nn.Conv2d``, BatchNorm2d + ReLU)
+  with the losses as the published code computes them (``pyzsl.models._reference.published_lesa_losses``: full [B, M, L], pair tensor).
 The published pairwise loss needs several [B, L, L] tensors (6.6 GB each in float32 at L = 7,186), so the reference
 path runs it on chunks of images whose pair tensors hold at most 2^27 entries; each chunk is the published
 computation. Correctness first (outputs and gradients against the reference path, float64, 4 images), then the best of --repeats runs
