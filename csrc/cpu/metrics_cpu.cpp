@@ -224,28 +224,59 @@ void count_run(LabelTable<T>& table, const T* values, int64_t n) {
 }
 
 #ifdef PYZSL_X86_SIMD
-// The same for float with AVX-512, 16 scores per instruction. Same IEEE operations as bin_of (subtract, multiply,
-// max with 0 that maps NaN to 0, min, truncate), so every bin equals the scalar one the table was built with.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt"))) void count_run_avx512(LabelTable<float>& table,
-                                                                                          const float* values,
-                                                                                          int64_t n) {
-  const __m512 lo = _mm512_set1_ps(table.lo), hi = _mm512_set1_ps(table.hi);
+#define PYZSL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt")))
+
+// The AVX-512 form of LabelTable::add over 16 scores: bins (the same IEEE operations as bin_of: subtract, multiply,
+// max with 0, min, truncate, so every bin equals the scalar one the table was built with), gathered bin entries and
+// in-bin positives, and the comparisons. Writes the 16 buckets to `out` and returns the lanes in [lo, hi); adds the
+// lanes >= hi to `above`. A lane whose bin holds more than kInBinCompares positives (rare) finishes in scalar code.
+PYZSL_AVX512 inline __mmask16 classify16(const LabelTable<float>& table, const float* values, int64_t count,
+                                         int64_t& above, int32_t* out) {
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512i one = _mm512_set1_epi32(1);
+  const __mmask16 lanes = count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+  const __m512 v = _mm512_maskz_loadu_ps(lanes, values);
+  const __mmask16 at_least_lo = _mm512_mask_cmp_ps_mask(lanes, v, _mm512_set1_ps(table.lo), _CMP_GE_OQ);
+  const __mmask16 at_least_hi = _mm512_mask_cmp_ps_mask(lanes, v, _mm512_set1_ps(table.hi), _CMP_GE_OQ);
+  above += __builtin_popcount(at_least_hi);
+  const __mmask16 inside = at_least_lo & ~at_least_hi;
+  if (inside == 0) return 0;
+  // MAXPS returns its second operand when the first is NaN, as std::max(0, NaN) returns 0.
+  const __m512 scaled = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_set1_ps(table.lo)), _mm512_set1_ps(table.scale));
+  const __m512 t = _mm512_min_ps(_mm512_max_ps(scaled, zero), _mm512_set1_ps(table.last_bin));
+  const __m512i entry =
+      _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), inside, _mm512_cvttps_epi32(t), table.bins.data(), 4);
+  const __m512i in_bin = _mm512_and_si512(entry, _mm512_set1_epi32(7));
+  const __m512i first = _mm512_srai_epi32(entry, 3);
+  const float* pos = table.pos.data();
+  __m512i g = first;
+  // The bin's positives are sorted, so "p[k] <= v" holds for a prefix of k: add one per comparison that holds.
+  __mmask16 has = _mm512_mask_cmpge_epi32_mask(inside, in_bin, one);
+  for (int k = 0; k < kInBinCompares && has != 0; ++k) {
+    const __m512 p = _mm512_mask_i32gather_ps(zero, has, first, pos + k, 4);
+    g = _mm512_mask_add_epi32(g, _mm512_mask_cmp_ps_mask(has, p, v, _CMP_LE_OQ), g, one);
+    has = _mm512_mask_cmpge_epi32_mask(has, in_bin, _mm512_set1_epi32(k + 2));
+  }
+  _mm512_store_si512(out, g);
+  uint32_t more = _mm512_mask_cmpgt_epi32_mask(inside, in_bin, _mm512_set1_epi32(kInBinCompares));
+  while (more != 0) {
+    const int i = __builtin_ctz(more);
+    more &= more - 1;
+    while (pos[out[i]] <= values[i]) ++out[i];
+  }
+  return inside;
+}
+
+// count_run with AVX-512: two vectors of 16 scores per step, so that the gathers of one overlap those of the other;
+// the bucket increments are scalar (lanes often share a bucket).
+PYZSL_AVX512 void count_run_avx512(LabelTable<float>& table, const float* values, int64_t n) {
   int64_t above = 0;
-  for (int64_t i0 = 0; i0 < n; i0 += 16) {
-    const __mmask16 lanes = n - i0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i0)) - 1);
-    const __m512 v = _mm512_maskz_loadu_ps(lanes, values + i0);
-    const __mmask16 at_least_lo = _mm512_mask_cmp_ps_mask(lanes, v, lo, _CMP_GE_OQ);
-    const __mmask16 at_least_hi = _mm512_mask_cmp_ps_mask(lanes, v, hi, _CMP_GE_OQ);
-    above += __builtin_popcount(at_least_hi);
-    uint32_t inside = at_least_lo & ~at_least_hi;
-    // The in-range lanes are read back from the run and binned in scalar code: reloading them from a vector
-    // stored to the stack stalls on store forwarding.
-    while (inside != 0) {
-      const int i = __builtin_ctz(inside);
-      inside &= inside - 1;
-      const float x = values[i0 + i];
-      table.add(x, bin_of(x, table.lo, table.scale, table.last_bin));
-    }
+  alignas(64) int32_t bucket[32];
+  int32_t* count = table.count.data();
+  for (int64_t i0 = 0; i0 < n; i0 += 32) {
+    uint32_t inside = classify16(table, values + i0, n - i0, above, bucket);
+    if (n - i0 > 16) inside |= uint32_t(classify16(table, values + i0 + 16, n - i0 - 16, above, bucket + 16)) << 16;
+    for (uint32_t m = inside; m != 0; m &= m - 1) ++count[bucket[__builtin_ctz(m)]];
   }
   table.above += above;
 }
