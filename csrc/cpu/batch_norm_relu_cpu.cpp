@@ -18,20 +18,15 @@
 #include <cmath>
 #include <vector>
 
+#include "vector_math.h"
+
 namespace pyzsl {
 namespace {
 
 constexpr int64_t kRows = 256;  // rows per block of the reductions (fixed, so sums do not depend on threads)
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYZSL_BN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PYZSL_BN_CLONES
-#endif
-#define PYZSL_BN_INLINE inline __attribute__((always_inline))
-
 template <typename T>
-PYZSL_BN_INLINE void sums_rows(const T* __restrict x, double* __restrict s1, double* __restrict s2, int64_t rows, int64_t C) {
+PYZSL_INLINE void sums_rows(const T* __restrict x, double* __restrict s1, double* __restrict s2, int64_t rows, int64_t C) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * C;
     for (int64_t c = 0; c < C; ++c) {
@@ -41,17 +36,17 @@ PYZSL_BN_INLINE void sums_rows(const T* __restrict x, double* __restrict s1, dou
     }
   }
 }
-PYZSL_BN_CLONES void sums_f32(const float* x, double* s1, double* s2, int64_t rows, int64_t C) {
+PYZSL_CLONES void sums_f32(const float* x, double* s1, double* s2, int64_t rows, int64_t C) {
   sums_rows<float>(x, s1, s2, rows, C);
 }
-PYZSL_BN_CLONES void sums_f64(const double* x, double* s1, double* s2, int64_t rows, int64_t C) {
+PYZSL_CLONES void sums_f64(const double* x, double* s1, double* s2, int64_t rows, int64_t C) {
   sums_rows<double>(x, s1, s2, rows, C);
 }
 inline void sums(const float* x, double* s1, double* s2, int64_t rows, int64_t C) { sums_f32(x, s1, s2, rows, C); }
 inline void sums(const double* x, double* s1, double* s2, int64_t rows, int64_t C) { sums_f64(x, s1, s2, rows, C); }
 
 template <typename T>
-PYZSL_BN_INLINE void affine_relu_rows(const T* __restrict x, const T* __restrict scale, const T* __restrict shift,
+PYZSL_INLINE void affine_relu_rows(const T* __restrict x, const T* __restrict scale, const T* __restrict shift,
                              T* __restrict out, int64_t rows, int64_t C) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < C; ++c) {
@@ -60,11 +55,11 @@ PYZSL_BN_INLINE void affine_relu_rows(const T* __restrict x, const T* __restrict
     }
   }
 }
-PYZSL_BN_CLONES void affine_relu_f32(const float* x, const float* scale, const float* shift, float* out, int64_t rows,
+PYZSL_CLONES void affine_relu_f32(const float* x, const float* scale, const float* shift, float* out, int64_t rows,
                                      int64_t C) {
   affine_relu_rows<float>(x, scale, shift, out, rows, C);
 }
-PYZSL_BN_CLONES void affine_relu_f64(const double* x, const double* scale, const double* shift, double* out,
+PYZSL_CLONES void affine_relu_f64(const double* x, const double* scale, const double* shift, double* out,
                                      int64_t rows, int64_t C) {
   affine_relu_rows<double>(x, scale, shift, out, rows, C);
 }
@@ -77,7 +72,7 @@ inline void affine_relu(const double* x, const double* a, const double* b, doubl
 
 // g = grad * (out > 0); sg[c] += g, sgx[c] += g * x
 template <typename T>
-PYZSL_BN_INLINE void grad_sums_rows(const T* __restrict grad, const T* __restrict out, const T* __restrict x,
+PYZSL_INLINE void grad_sums_rows(const T* __restrict grad, const T* __restrict out, const T* __restrict x,
                            double* __restrict sg, double* __restrict sgx, int64_t rows, int64_t C) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < C; ++c) {
@@ -89,11 +84,11 @@ PYZSL_BN_INLINE void grad_sums_rows(const T* __restrict grad, const T* __restric
     }
   }
 }
-PYZSL_BN_CLONES void grad_sums_f32(const float* g, const float* o, const float* x, double* sg, double* sgx,
+PYZSL_CLONES void grad_sums_f32(const float* g, const float* o, const float* x, double* sg, double* sgx,
                                    int64_t rows, int64_t C) {
   grad_sums_rows<float>(g, o, x, sg, sgx, rows, C);
 }
-PYZSL_BN_CLONES void grad_sums_f64(const double* g, const double* o, const double* x, double* sg, double* sgx,
+PYZSL_CLONES void grad_sums_f64(const double* g, const double* o, const double* x, double* sg, double* sgx,
                                    int64_t rows, int64_t C) {
   grad_sums_rows<double>(g, o, x, sg, sgx, rows, C);
 }
@@ -108,7 +103,7 @@ inline void grad_sums(const double* g, const double* o, const double* x, double*
 
 // grad_x = (out > 0 ? grad : 0) * k1[c] + (x - mean[c]) * k2[c] + k3[c]  (the batch-norm backward per channel)
 template <typename T>
-PYZSL_BN_INLINE void grad_x_rows(const T* __restrict grad, const T* __restrict out, const T* __restrict x,
+PYZSL_INLINE void grad_x_rows(const T* __restrict grad, const T* __restrict out, const T* __restrict x,
                         const T* __restrict mean, const T* __restrict k1, const T* __restrict k2, const T* __restrict k3, T* __restrict gx,
                         int64_t rows, int64_t C) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -120,11 +115,11 @@ PYZSL_BN_INLINE void grad_x_rows(const T* __restrict grad, const T* __restrict o
     }
   }
 }
-PYZSL_BN_CLONES void grad_x_f32(const float* g, const float* o, const float* x, const float* m, const float* k1,
+PYZSL_CLONES void grad_x_f32(const float* g, const float* o, const float* x, const float* m, const float* k1,
                                 const float* k2, const float* k3, float* gx, int64_t rows, int64_t C) {
   grad_x_rows<float>(g, o, x, m, k1, k2, k3, gx, rows, C);
 }
-PYZSL_BN_CLONES void grad_x_f64(const double* g, const double* o, const double* x, const double* m, const double* k1,
+PYZSL_CLONES void grad_x_f64(const double* g, const double* o, const double* x, const double* m, const double* k1,
                                 const double* k2, const double* k3, double* gx, int64_t rows, int64_t C) {
   grad_x_rows<double>(g, o, x, m, k1, k2, k3, gx, rows, C);
 }
