@@ -243,11 +243,12 @@ PYZSL_AVX512 inline __mmask16 classify16(const LabelTable<float>& table, const f
   if (inside == 0) return 0;
   // MAXPS returns its second operand when the first is NaN, as std::max(0, NaN) returns 0.
   const __m512 scaled = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_set1_ps(table.lo)), _mm512_set1_ps(table.scale));
-  const __m512 t = _mm512_min_ps(_mm512_max_ps(scaled, zero), _mm512_set1_ps(table.last_bin));
-  const __m512i entry =
-      _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), inside, _mm512_cvttps_epi32(t), table.bins.data(), 4);
+  // (Zero-masked forms with every lane kept: the plain intrinsics pass an undefined vector that GCC 12 warns about.)
+  const __m512 t = _mm512_maskz_min_ps(0xFFFF, _mm512_maskz_max_ps(0xFFFF, scaled, zero), _mm512_set1_ps(table.last_bin));
+  const __m512i bin = _mm512_maskz_cvttps_epi32(0xFFFF, t);
+  const __m512i entry = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), inside, bin, table.bins.data(), 4);
   const __m512i in_bin = _mm512_and_si512(entry, _mm512_set1_epi32(7));
-  const __m512i first = _mm512_srai_epi32(entry, 3);
+  const __m512i first = _mm512_maskz_srai_epi32(0xFFFF, entry, 3);
   const float* pos = table.pos.data();
   __m512i g = first;
   // The bin's positives are sorted, so "p[k] <= v" holds for a prefix of k: add one per comparison that holds.
@@ -328,6 +329,87 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void fill_tile_avx
 }
 #endif
 
+#ifdef PYZSL_X86_SIMD
+// r[i] becomes the i-th column of the 16 x 16 block r: 32-bit, 64-bit, then two 128-bit interleaves.
+PYZSL_AVX512 inline void transpose16(__m512 r[16]) {
+  // Zero-masked forms with every lane kept, as in classify16.
+  constexpr __mmask16 all16 = 0xFFFF;
+  constexpr __mmask8 all8 = 0xFF;
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_maskz_unpacklo_ps(all16, r[i], r[i + 1]);
+    t[i + 1] = _mm512_maskz_unpackhi_ps(all16, r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    for (int j = 0; j < 2; ++j) {  // 64-bit pairs of t[i + j] and t[i + j + 2]
+      const __m512d x = _mm512_castps_pd(t[i + j]), y = _mm512_castps_pd(t[i + j + 2]);
+      r[i + 2 * j] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(all8, x, y));
+      r[i + 2 * j + 1] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(all8, x, y));
+    }
+  }
+  for (int h = 0; h < 16; h += 8) {
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_maskz_shuffle_f32x4(all16, r[h + i], r[h + 4 + i], 0x88);
+      t[h + 4 + i] = _mm512_maskz_shuffle_f32x4(all16, r[h + i], r[h + 4 + i], 0xdd);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_maskz_shuffle_f32x4(all16, t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_maskz_shuffle_f32x4(all16, t[i], t[8 + i], 0xdd);
+  }
+}
+
+// fill_tile for a densely annotated matrix with AVX-512: every kept row gets a slot in every column (an entry that
+// takes no part is NaN, as in fill_tile), so the copy is a transpose of 16 x 16 blocks instead of scatters.
+PYZSL_AVX512 void fill_tile_dense_avx512(const float* scores, const int8_t* targets, const bool* row_mask, int64_t L,
+                                         int64_t n0, int64_t n1, int64_t j0, int64_t width, int8_t max_negative,
+                                         float* buffer, int64_t stride, int32_t* run) {
+  thread_local std::vector<int64_t> rows;
+  rows.clear();
+  for (int64_t n = n0; n < n1; ++n) {
+    if (row_mask == nullptr || row_mask[n]) rows.push_back(n);
+  }
+  const int64_t kept = static_cast<int64_t>(rows.size());
+  const __m512 nan = _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN());
+  const __m128i max_neg = _mm_set1_epi8(max_negative);
+  __m512 block[16];
+  for (int64_t r0 = 0; r0 < kept; r0 += 16) {
+    const int64_t height = std::min<int64_t>(16, kept - r0);
+    const __mmask16 filled = height == 16 ? __mmask16(0xFFFF) : __mmask16((1u << height) - 1);
+    for (int64_t b = 0; b < width; b += 16) {
+      const __mmask16 lanes = width - b >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (width - b)) - 1);
+      for (int k = 0; k < 16; ++k) {
+        if (k >= height) {
+          block[k] = nan;
+          continue;
+        }
+        const int64_t offset = rows[r0 + k] * L + j0 + b;
+        const __mmask16 take = _mm_mask_cmple_epi8_mask(lanes, _mm_maskz_loadu_epi8(lanes, targets + offset), max_neg);
+        block[k] = _mm512_mask_loadu_ps(nan, take, scores + offset);
+      }
+      transpose16(block);
+      for (int64_t c = 0; c < std::min<int64_t>(16, width - b); ++c) {
+        _mm512_mask_storeu_ps(buffer + (b + c) * stride + r0, filled, block[c]);
+      }
+    }
+  }
+  std::fill(run, run + width, static_cast<int32_t>(kept));
+}
+#endif
+
+// Whether most entries take part in AP (target <= max_negative), judged on up to 256 evenly spaced rows: then the
+// tile copy gives every row a slot (a transpose), else it keeps only the entries that take part.
+inline bool mostly_annotated(const int8_t* targets, int64_t N, int64_t L, int8_t max_negative) {
+  if (max_negative >= 0) return true;  // unannotated entries count as negatives: only positives take no part
+  const int64_t sample = std::min<int64_t>(N, 256);
+  int64_t taking = 0;
+  for (int64_t i = 0; i < sample; ++i) {
+    const int8_t* t = targets + (i * N / sample) * L;
+    for (int64_t j = 0; j < L; ++j) taking += t[j] <= max_negative;
+  }
+  return 2 * taking > sample * L;
+}
+
 template <typename scalar_t>
 void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_mask, int64_t N, int64_t L,
                bool unannotated_is_negative, double* ap, int64_t* num_positives) {
@@ -345,6 +427,7 @@ void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_ma
   // time, which the hardware prefetchers follow. The tile is first copied column by column into a thread-local
   // buffer; then each label's run of the buffer is counted with its table hot in cache. (Reading the score matrix
   // column-wise instead stalls on memory; keeping every label's table busy at once thrashes the cache.)
+  [[maybe_unused]] const bool dense = N > 0 && mostly_annotated(targets, N, L, max_negative);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t span = std::max<int64_t>(kMinLabelSpan, (L + threads - 1) / threads);
   const int64_t num_spans = (L + span - 1) / span;
@@ -364,7 +447,10 @@ void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_ma
         const int64_t n1 = std::min(N, n0 + tile_rows);
 #ifdef PYZSL_X86_SIMD
         if constexpr (std::is_same_v<scalar_t, float>) {
-          if (use_avx512) {
+          if (use_avx512 && dense) {
+            fill_tile_dense_avx512(scores, targets, row_mask, L, n0, n1, j0, width, max_negative, buffer.data(),
+                                   stride, run.data());
+          } else if (use_avx512) {
             fill_tile_avx512(scores, targets, row_mask, L, n0, n1, j0, width, max_negative, buffer.data(), stride,
                              run.data());
           } else {
