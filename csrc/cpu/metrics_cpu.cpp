@@ -44,9 +44,14 @@ namespace {
 // The AP pass: a thread's tile of rows is copied into a column buffer of about kTileElements scores; its label
 // range is at least kMinLabelSpan wide.
 constexpr int64_t kMinLabelSpan = 16;
+// Measured at NUS-WIDE's GZSL size (dense) and an Open-Images-like one (sparse): the transposed dense copy gains from
+// tiles twice as tall (fewer table reloads per label: AP 0.34 -> 0.30 s), the scattered sparse copy loses (0.16 ->
+// 0.19 s at 40,000 x 7,586).
 constexpr int64_t kTileElements = 1 << 22;  // 16 MiB of float per thread
+constexpr int64_t kDenseTileElements = 1 << 23;
 constexpr int64_t kMinTileRows = 256;
 constexpr int64_t kMaxTileRows = 8192;
+constexpr int64_t kDenseMaxTileRows = 16384;
 constexpr int32_t kInBinCompares = 3;  // positives of a score's bin compared without branches
 constexpr int64_t kGatherBatch = 256;    // positives whose scores are prefetched before any is read
 constexpr int64_t kMaxBins = 1 << 16;
@@ -427,12 +432,13 @@ void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_ma
   // time, which the hardware prefetchers follow. The tile is first copied column by column into a thread-local
   // buffer; then each label's run of the buffer is counted with its table hot in cache. (Reading the score matrix
   // column-wise instead stalls on memory; keeping every label's table busy at once thrashes the cache.)
-  [[maybe_unused]] const bool dense = N > 0 && mostly_annotated(targets, N, L, max_negative);
+  const bool dense = N > 0 && mostly_annotated(targets, N, L, max_negative);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t span = std::max<int64_t>(kMinLabelSpan, (L + threads - 1) / threads);
   const int64_t num_spans = (L + span - 1) / span;
   at::parallel_for(0, num_spans, 1, [&](int64_t span_begin, int64_t span_end) {
-    const int64_t tile_rows = std::clamp<int64_t>(kTileElements / span, kMinTileRows, kMaxTileRows);
+    const int64_t tile_rows = dense ? std::clamp<int64_t>(kDenseTileElements / span, kMinTileRows, kDenseMaxTileRows)
+                                    : std::clamp<int64_t>(kTileElements / span, kMinTileRows, kMaxTileRows);
     const int64_t stride = tile_rows + 16;  // not a power of two, so that columns do not share cache sets
     std::vector<T> buffer(span * stride);
     std::vector<LabelTable<T>> tables(span);
