@@ -267,7 +267,8 @@ void input_transform_backward(const T* dV, const Geometry& g, int64_t C, T* dx, 
 
 // U[p, q][k] = sum_ab G[p, a] G[q, b] g[k, a, b] for the k = (co, ci) pairs k0..k1 of weight g [C_out C_in, 2, 2].
 template <typename T>
-PYZSL_INLINE void weight_transform_range(const T* __restrict g, T* __restrict u, int64_t plane, int64_t k0, int64_t k1) {
+PYZSL_INLINE void weight_transform_range(const T* __restrict g, T* __restrict u, int64_t plane, int64_t k0,
+                                         int64_t k1) {
 #pragma GCC ivdep
   for (int64_t k = k0; k < k1; ++k) {
     const T g00 = g[4 * k], g01 = g[4 * k + 1], g10 = g[4 * k + 2], g11 = g[4 * k + 3];
@@ -390,7 +391,8 @@ std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor> conv2x2_same_backw
   const auto grad = grad_in.contiguous(), V = V_in.contiguous(), weight = weight_in.contiguous();
   const Geometry g(grad.size(0), grad.size(1), grad.size(2));
   const int64_t Co = weight.size(0), Ci = weight.size(1);
-  TORCH_CHECK_VALUE(V.dim() == 3 && V.size(0) == 9 && V.size(1) == g.tiles && V.size(2) == Ci, op, ": tiles must be [9, ",
+  TORCH_CHECK_VALUE(V.dim() == 3 && V.size(0) == 9 && V.size(1) == g.tiles && V.size(2) == Ci, op,
+                    ": tiles must be [9, ",
                     g.tiles, ", ", Ci, "], got ", V.sizes());
   auto dM = at::empty({9, g.tiles, Co}, grad.options());
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "conv2x2_same_backward_cpu", [&] {

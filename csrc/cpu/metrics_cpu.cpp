@@ -249,7 +249,8 @@ PYZSL_AVX512 inline __mmask16 classify16(const LabelTable<float>& table, const f
   // MAXPS returns its second operand when the first is NaN, as std::max(0, NaN) returns 0.
   const __m512 scaled = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_set1_ps(table.lo)), _mm512_set1_ps(table.scale));
   // (Zero-masked forms with every lane kept: the plain intrinsics pass an undefined vector that GCC 12 warns about.)
-  const __m512 t = _mm512_maskz_min_ps(0xFFFF, _mm512_maskz_max_ps(0xFFFF, scaled, zero), _mm512_set1_ps(table.last_bin));
+  const __m512 t =
+      _mm512_maskz_min_ps(0xFFFF, _mm512_maskz_max_ps(0xFFFF, scaled, zero), _mm512_set1_ps(table.last_bin));
   const __m512i bin = _mm512_maskz_cvttps_epi32(0xFFFF, t);
   const __m512i entry = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), inside, bin, table.bins.data(), 4);
   const __m512i in_bin = _mm512_and_si512(entry, _mm512_set1_epi32(7));
