@@ -392,8 +392,7 @@ std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor> conv2x2_same_backw
   const Geometry g(grad.size(0), grad.size(1), grad.size(2));
   const int64_t Co = weight.size(0), Ci = weight.size(1);
   TORCH_CHECK_VALUE(V.dim() == 3 && V.size(0) == 9 && V.size(1) == g.tiles && V.size(2) == Ci, op,
-                    ": tiles must be [9, ",
-                    g.tiles, ", ", Ci, "], got ", V.sizes());
+                    ": tiles must be [9, ", g.tiles, ", ", Ci, "], got ", V.sizes());
   auto dM = at::empty({9, g.tiles, Co}, grad.options());
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "conv2x2_same_backward_cpu", [&] {
     const std::vector<scalar_t> zeros(Co, scalar_t(0));
