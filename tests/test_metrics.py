@@ -287,9 +287,20 @@ def test_cpp_ops_dense_and_sparse_positives():
 
 
 @needs_cpp
+@pytest.mark.parametrize("levels", [1, 3, 1000])
+def test_cpp_topk_with_many_chunks_and_ties(levels):
+    # With AVX-512 the CPU top-K first bounds the k-th best by the k-th largest maximum of its 32-score chunks and
+    # offers only scores at or above it: rows of 31 chunks plus a tail, ties at the bound (levels = 1: all equal), and
+    # k around the chunk count (k > 31 takes the plain scan).
+    for seed in range(3):
+        scores, targets = make_inputs(40, 1006, seed=seed, dtype=torch.float32, levels=levels)
+        assert_ops_agree(scores, targets, ks=(1, 5, 30, 31, 32), masks=False)
+
+
+@needs_cpp
 @pytest.mark.parametrize("shape", [(8192 * 2 + 3, 5), (300, 40000)])
 def test_cpp_ops_span_several_row_tiles(shape):
-    # The CPU AP kernel reads rows in tiles of 256 to 8192 rows (fewer when a thread owns many labels): cross them.
+    # The CPU AP kernel reads rows in tiles of 256 to 16384 rows (fewer when a thread owns many labels): cross them.
     N, L = shape
     scores, targets = make_inputs(N, L, seed=1, dtype=torch.float32, tied=True)
     assert_ops_agree(scores, targets, ks=(3,))

@@ -28,6 +28,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -514,69 +515,109 @@ std::tuple<at::Tensor, at::Tensor> multilabel_ap_cpu(const at::Tensor& scores_in
   return {ap, num_positives};
 }
 
-#ifdef PYZSL_X86_SIMD
-static_assert(kTopkChunk == 32, "lanes_above_avx512 compares two vectors of 16");
-__attribute__((target("avx512f"))) uint32_t lanes_above_avx512(const float* chunk, float threshold) {
-  const __m512 t = _mm512_set1_ps(threshold);
-  const uint32_t low = _mm512_cmp_ps_mask(_mm512_loadu_ps(chunk), t, _CMP_GT_OQ);
-  const uint32_t high = _mm512_cmp_ps_mask(_mm512_loadu_ps(chunk + 16), t, _CMP_GT_OQ);
-  return low | (high << 16);
-}
-#endif
+// The k best (score, index) pairs of a row so far, best first; ties keep the lower index first.
+template <typename T>
+struct TopKBuffer {
+  std::vector<T> best;
+  std::vector<int64_t> index;
+  int64_t kept, filled = 0;
+  explicit TopKBuffer(int64_t k) : best(k), index(k), kept(k) {}
 
-// Bit i: whether chunk[i] > threshold, for the kTopkChunk scores of a chunk.
-template <typename scalar_t, typename T>
-inline uint32_t lanes_above(const scalar_t* chunk, T threshold) {
-#ifdef PYZSL_X86_SIMD
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    static const bool use_avx512 = __builtin_cpu_supports("avx512f") && std::getenv("PYZSL_NO_AVX512") == nullptr;
-    if (use_avx512) return lanes_above_avx512(chunk, threshold);
+  // Scores must be offered in increasing index order: a later index enters only when strictly better than the k-th.
+  inline void offer(T v, int64_t j) {
+    if (filled == kept && !(v > best[kept - 1])) return;
+    int64_t pos = filled < kept ? filled++ : kept - 1;
+    while (pos > 0 && best[pos - 1] < v) {
+      best[pos] = best[pos - 1];
+      index[pos] = index[pos - 1];
+      --pos;
+    }
+    best[pos] = v;
+    index[pos] = j;
   }
-#endif
-  uint32_t above = 0;
-  for (int64_t i = 0; i < kTopkChunk; ++i) above |= static_cast<uint32_t>(static_cast<T>(chunk[i]) > threshold) << i;
-  return above;
+};
+
+// Portable row scan: once k scores are in, one comparison of each chunk with the k-th best gives the lanes to offer.
+template <typename scalar_t, typename T>
+void topk_row(const scalar_t* s, int64_t L, TopKBuffer<T>& top) {
+  int64_t j = 0;
+  for (; j < L && top.filled < top.kept; ++j) top.offer(static_cast<T>(s[j]), j);
+  for (; j + kTopkChunk <= L; j += kTopkChunk) {
+    const T threshold = top.best[top.kept - 1];
+    uint32_t above = 0;
+    for (int64_t i = 0; i < kTopkChunk; ++i) above |= static_cast<uint32_t>(static_cast<T>(s[j + i]) > threshold) << i;
+    for (; above != 0; above &= above - 1) top.offer(static_cast<T>(s[j + __builtin_ctz(above)]), j + __builtin_ctz(above));
+  }
+  for (; j < L; ++j) top.offer(static_cast<T>(s[j]), j);
 }
+
+#ifdef PYZSL_X86_SIMD
+// Largest of 16 floats: halves, quarters, pairs, neighbours (zero-masked forms, as in classify16).
+PYZSL_AVX512 inline float max16(__m512 m) {
+  m = _mm512_maskz_max_ps(0xFFFF, m, _mm512_maskz_shuffle_f32x4(0xFFFF, m, m, 0x4E));
+  m = _mm512_maskz_max_ps(0xFFFF, m, _mm512_maskz_shuffle_f32x4(0xFFFF, m, m, 0xB1));
+  m = _mm512_maskz_max_ps(0xFFFF, m, _mm512_maskz_permute_ps(0xFFFF, m, 0x4E));
+  m = _mm512_maskz_max_ps(0xFFFF, m, _mm512_maskz_permute_ps(0xFFFF, m, 0xB1));
+  return _mm512_cvtss_f32(m);
+}
+
+static_assert(kTopkChunk == 32, "topk_row_avx512 reads a chunk as two vectors of 16");
+// Row scan of a float row with AVX-512 and at least k whole chunks. The k-th largest chunk maximum, tau, is a lower
+// bound of the k-th best score (the k chunks with the largest maxima hold k scores >= tau), so a score < tau cannot
+// be among the k best: only chunks whose maximum reaches tau are compared, and only their scores >= tau offered (in
+// index order, so the result is the one offering every score gives).
+PYZSL_AVX512 void topk_row_avx512(const float* s, int64_t L, TopKBuffer<float>& top, std::vector<float>& chunk_max,
+                                  std::vector<float>& scratch) {
+  const int64_t chunks = L / kTopkChunk;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const float* p = s + c * kTopkChunk;
+    chunk_max[c] = max16(_mm512_maskz_max_ps(0xFFFF, _mm512_loadu_ps(p), _mm512_loadu_ps(p + 16)));
+  }
+  scratch.assign(chunk_max.begin(), chunk_max.begin() + chunks);
+  std::nth_element(scratch.begin(), scratch.begin() + (top.kept - 1), scratch.end(), std::greater<float>());
+  const float tau = scratch[top.kept - 1];
+  const __m512 t = _mm512_set1_ps(tau);
+  for (int64_t c = 0; c < chunks; ++c) {
+    if (chunk_max[c] < tau) continue;
+    const float* p = s + c * kTopkChunk;
+    uint32_t lanes = _mm512_cmp_ps_mask(_mm512_loadu_ps(p), t, _CMP_GE_OQ) |
+                     (static_cast<uint32_t>(_mm512_cmp_ps_mask(_mm512_loadu_ps(p + 16), t, _CMP_GE_OQ)) << 16);
+    for (; lanes != 0; lanes &= lanes - 1) top.offer(p[__builtin_ctz(lanes)], c * kTopkChunk + __builtin_ctz(lanes));
+  }
+  for (int64_t j = chunks * kTopkChunk; j < L; ++j) top.offer(s[j], j);
+}
+#endif
 
 template <typename scalar_t>
 void topk_kernel(const scalar_t* scores, const int8_t* targets, int64_t N, int64_t L, int64_t k, bool* hits,
                  int64_t* row_positives) {
   using T = compare_t<scalar_t>;
   const int64_t kept = std::min(k, L);
+#ifdef PYZSL_X86_SIMD
+  static const bool use_avx512 = __builtin_cpu_supports("avx512f") && std::getenv("PYZSL_NO_AVX512") == nullptr;
+#endif
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(L, 1));
   at::parallel_for(0, N, grain, [&](int64_t row_begin, int64_t row_end) {
-    std::vector<T> best(kept);
-    std::vector<int64_t> best_index(kept);
+    TopKBuffer<T> top(kept);
+    std::vector<float> chunk_max(L / kTopkChunk), scratch;
     for (int64_t n = row_begin; n < row_end; ++n) {
       const scalar_t* s = scores + n * L;
       const int8_t* t = targets + n * L;
-      int64_t filled = 0;
-      auto offer = [&](int64_t j) {
-        const T v = static_cast<T>(s[j]);
-        // A later index loses ties, so it enters only when strictly better than the current k-th.
-        if (filled == kept && !(v > best[kept - 1])) return;
-        int64_t pos = filled < kept ? filled++ : kept - 1;
-        while (pos > 0 && best[pos - 1] < v) {
-          best[pos] = best[pos - 1];
-          best_index[pos] = best_index[pos - 1];
-          --pos;
+      top.filled = 0;
+#ifdef PYZSL_X86_SIMD
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (use_avx512 && L / kTopkChunk >= kept) {
+          topk_row_avx512(s, L, top, chunk_max, scratch);
+        } else {
+          topk_row(s, L, top);
         }
-        best[pos] = v;
-        best_index[pos] = j;
-      };
-      int64_t j = 0;
-      for (; j < L && filled < kept; ++j) offer(j);
-      // Most chunks hold nothing above the k-th best: one comparison of the whole chunk gives the lanes to offer.
-      for (; j + kTopkChunk <= L; j += kTopkChunk) {
-        uint32_t above = lanes_above(s + j, best[kept - 1]);
-        while (above != 0) {
-          offer(j + __builtin_ctz(above));
-          above &= above - 1;
-        }
+      } else
+#endif
+      {
+        topk_row(s, L, top);
       }
-      for (; j < L; ++j) offer(j);
       bool* h = hits + n * k;
-      for (int64_t r = 0; r < k; ++r) h[r] = r < kept && t[best_index[r]] == 1;
+      for (int64_t r = 0; r < k; ++r) h[r] = r < kept && t[top.index[r]] == 1;
       int64_t positives = 0;
       for (int64_t j = 0; j < L; ++j) positives += t[j] == 1;
       row_positives[n] = positives;
