@@ -289,9 +289,8 @@ def test_cpp_ops_dense_and_sparse_positives():
 @needs_cpp
 @pytest.mark.parametrize("levels", [1, 3, 1000])
 def test_cpp_topk_with_many_chunks_and_ties(levels):
-    # With AVX-512 the CPU top-K first bounds the k-th best by the k-th largest maximum of its 32-score chunks and
-    # offers only scores at or above it: rows of 31 chunks plus a tail, ties at the bound (levels = 1: all equal), and
-    # k around the chunk count (k > 31 takes the plain scan).
+    # The CPU top-K compares whole 32-score chunks with the k-th best so far: rows of 31 chunks plus a tail, ties at
+    # the k-th best (levels = 1: all equal), k up to a whole chunk.
     for seed in range(3):
         scores, targets = make_inputs(40, 1006, seed=seed, dtype=torch.float32, levels=levels)
         assert_ops_agree(scores, targets, ks=(1, 5, 30, 31, 32), masks=False)

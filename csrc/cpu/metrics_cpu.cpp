@@ -28,7 +28,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <cstdint>
-#include <functional>
 #include <limits>
 #include <vector>
 
@@ -546,45 +545,32 @@ void topk_row(const scalar_t* s, int64_t L, TopKBuffer<T>& top) {
     const T threshold = top.best[top.kept - 1];
     uint32_t above = 0;
     for (int64_t i = 0; i < kTopkChunk; ++i) above |= static_cast<uint32_t>(static_cast<T>(s[j + i]) > threshold) << i;
-    for (; above != 0; above &= above - 1) top.offer(static_cast<T>(s[j + __builtin_ctz(above)]), j + __builtin_ctz(above));
+    for (; above != 0; above &= above - 1) {
+      const int64_t i = j + __builtin_ctz(above);
+      top.offer(static_cast<T>(s[i]), i);
+    }
   }
   for (; j < L; ++j) top.offer(static_cast<T>(s[j]), j);
 }
 
 #ifdef PYZSL_X86_SIMD
-// Largest of 16 floats: halves, quarters, pairs, neighbours (zero-masked forms, as in classify16).
-PYZSL_AVX512 inline float max16(__m512 m) {
-  m = _mm512_maskz_max_ps(0xFFFF, m, _mm512_maskz_shuffle_f32x4(0xFFFF, m, m, 0x4E));
-  m = _mm512_maskz_max_ps(0xFFFF, m, _mm512_maskz_shuffle_f32x4(0xFFFF, m, m, 0xB1));
-  m = _mm512_maskz_max_ps(0xFFFF, m, _mm512_maskz_permute_ps(0xFFFF, m, 0x4E));
-  m = _mm512_maskz_max_ps(0xFFFF, m, _mm512_maskz_permute_ps(0xFFFF, m, 0xB1));
-  return _mm512_cvtss_f32(m);
-}
-
 static_assert(kTopkChunk == 32, "topk_row_avx512 reads a chunk as two vectors of 16");
-// Row scan of a float row with AVX-512 and at least k whole chunks. The k-th largest chunk maximum, tau, is a lower
-// bound of the k-th best score (the k chunks with the largest maxima hold k scores >= tau), so a score < tau cannot
-// be among the k best: only chunks whose maximum reaches tau are compared, and only their scores >= tau offered (in
-// index order, so the result is the one offering every score gives).
-PYZSL_AVX512 void topk_row_avx512(const float* s, int64_t L, TopKBuffer<float>& top, std::vector<float>& chunk_max,
-                                  std::vector<float>& scratch) {
-  const int64_t chunks = L / kTopkChunk;
-  for (int64_t c = 0; c < chunks; ++c) {
-    const float* p = s + c * kTopkChunk;
-    chunk_max[c] = max16(_mm512_maskz_max_ps(0xFFFF, _mm512_loadu_ps(p), _mm512_loadu_ps(p + 16)));
+// topk_row for a float row with AVX-512: the same scan, with the chunk comparison inline.
+PYZSL_AVX512 void topk_row_avx512(const float* s, int64_t L, TopKBuffer<float>& top) {
+  int64_t j = 0;
+  for (; j < L && top.filled < top.kept; ++j) top.offer(s[j], j);
+  __m512 threshold = _mm512_set1_ps(top.best[top.kept - 1]);
+  for (; j + kTopkChunk <= L; j += kTopkChunk) {
+    const uint32_t high = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + j + 16), threshold, _CMP_GT_OQ);
+    uint32_t above = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + j), threshold, _CMP_GT_OQ) | (high << 16);
+    if (above == 0) continue;
+    for (; above != 0; above &= above - 1) {
+      const int64_t i = j + __builtin_ctz(above);
+      top.offer(s[i], i);
+    }
+    threshold = _mm512_set1_ps(top.best[top.kept - 1]);
   }
-  scratch.assign(chunk_max.begin(), chunk_max.begin() + chunks);
-  std::nth_element(scratch.begin(), scratch.begin() + (top.kept - 1), scratch.end(), std::greater<float>());
-  const float tau = scratch[top.kept - 1];
-  const __m512 t = _mm512_set1_ps(tau);
-  for (int64_t c = 0; c < chunks; ++c) {
-    if (chunk_max[c] < tau) continue;
-    const float* p = s + c * kTopkChunk;
-    uint32_t lanes = _mm512_cmp_ps_mask(_mm512_loadu_ps(p), t, _CMP_GE_OQ) |
-                     (static_cast<uint32_t>(_mm512_cmp_ps_mask(_mm512_loadu_ps(p + 16), t, _CMP_GE_OQ)) << 16);
-    for (; lanes != 0; lanes &= lanes - 1) top.offer(p[__builtin_ctz(lanes)], c * kTopkChunk + __builtin_ctz(lanes));
-  }
-  for (int64_t j = chunks * kTopkChunk; j < L; ++j) top.offer(s[j], j);
+  for (; j < L; ++j) top.offer(s[j], j);
 }
 #endif
 
@@ -599,15 +585,14 @@ void topk_kernel(const scalar_t* scores, const int8_t* targets, int64_t N, int64
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(L, 1));
   at::parallel_for(0, N, grain, [&](int64_t row_begin, int64_t row_end) {
     TopKBuffer<T> top(kept);
-    std::vector<float> chunk_max(L / kTopkChunk), scratch;
     for (int64_t n = row_begin; n < row_end; ++n) {
       const scalar_t* s = scores + n * L;
       const int8_t* t = targets + n * L;
       top.filled = 0;
 #ifdef PYZSL_X86_SIMD
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (use_avx512 && L / kTopkChunk >= kept) {
-          topk_row_avx512(s, L, top, chunk_max, scratch);
+        if (use_avx512) {
+          topk_row_avx512(s, L, top);
         } else {
           topk_row(s, L, top);
         }
