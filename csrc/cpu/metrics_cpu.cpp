@@ -10,10 +10,11 @@
 //      many positives lie in lower bins. The bin function is monotone, so a score's bucket is that count plus a
 //      comparison with the positives of its own bin (usually none to three, compared without branches): exact.
 //   3. Each thread owns a range of labels and reads its part of the rows in order, a tile at a time, copying the
-//      tile column by column into a buffer (with AVX-512 only the entries that take part; the portable loop marks
-//      the others NaN); then each label's run of the buffer is classified 16 scores at a time (AVX-512 where the CPU
-//      has it) into below / inside / above the positives' range, and only the scores inside go through the label's
-//      table, which is hot in cache.
+//      tile column by column into a buffer. Entries that take no part are NaN (the portable loop, and with AVX-512
+//      16 x 16 register transposes when most entries are annotated) or left out (AVX-512 scatters of only the
+//      entries that take part, for mostly unannotated matrices). Then each label's run of the buffer is classified
+//      into below / inside / above the positives' range and the scores inside go through the label's table, which
+//      is hot in cache; with AVX-512, 16 scores at a time, the table entries and in-bin positives gathered.
 //
 // multilabel_topk_hits keeps, per row, a sorted buffer of the k best (score, index) pairs in one pass, skipping
 // whole chunks of the row that cannot beat the current k-th best.
