@@ -1,6 +1,7 @@
 """pyzsl.ops.norm.batch_norm_relu (LESA's BN + ReLU as one op) against F.batch_norm + F.relu, and the LESA model's
 fused path against its plain BatchNorm2d path (outputs, gradients, running statistics)."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -81,3 +82,17 @@ def test_lesa_fused_path_equals_batch_norm2d_path(dtype):
     fused.eval()
     plain.eval()
     torch.testing.assert_close(fused.region_features(features), plain.region_features(features), **TOL[dtype])
+
+
+def test_lesa_keeps_torch_conv_block_off_the_cpu_without_warning():
+    """With backend auto, tensors off the CPU (here the meta device) take nn.Conv2d + BatchNorm2d quietly; asking for
+    cpp there is an error that names the backend."""
+    vectors = torch.nn.functional.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    model = LESA(vectors, vectors[:2], feature_dim=4, grid=(2, 2), hidden_dim=3, heads=2, backend="auto")
+    rows = torch.zeros(8, 4, device="meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not model._cpp_kernel(rows, "LESA conv")
+    model.backend = "cpp"
+    with pytest.raises(ValueError, match="backend='cpp' cannot run here"):
+        model._cpp_kernel(rows, "LESA conv")

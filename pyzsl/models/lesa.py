@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._backend import resolve_backend
+from .._backend import default_backend, resolve_backend
 from ..ops import lesa_rank_loss, shared_multi_attention
 from ..ops.attention import SharedAttention
 from ..ops.conv import conv2x2_same
@@ -116,6 +116,8 @@ class LESA(nn.Module):
         """Whether this model's backend resolves to the cpp kernels for x (float32/float64)."""
         if x.dtype not in (torch.float32, torch.float64):
             return False
+        if x.device.type != "cpu" and (self.backend or default_backend()) == "auto":
+            return False  # off the CPU, nn.Conv2d and BatchNorm2d are the device's own kernels: no fallback warning
         return resolve_backend(self.backend, x.device, op, implemented=("reference", "cpp")) == "cpp"
 
     def _fused_batch_norm_relu(self, rows: Tensor) -> bool:
