@@ -16,6 +16,9 @@
 // with BT = [[1,-1,0],[0,1,0],[0,-1,1]], G = [[1,0],[1,1],[0,1]], AT = [[1,1,0],[0,1,1]]. The backward runs the same
 // algebra transposed: dM = A dOut A^T per tile, dU = dM^T V (at::bmm), dweight = G^T dU G, dV = dM U, dx = B dV B^T.
 // The forward returns V so that the weight gradient does not redo the input transform.
+//
+// Each pass is a template (double runs it as is: tests and gradcheck) plus a float overload cloned for AVX-512 /
+// AVX2 / baseline (PYZSL_CLONES, vector_math.h), which overload resolution prefers for float pointers.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -75,7 +78,7 @@ PYZSL_INLINE void input_transform_tile(const std::array<const T*, 9>& d, T* __re
 }
 
 template <typename T>
-PYZSL_INLINE void input_transform_range(const T* x, const Geometry& g, int64_t C, const T* zeros, T* V, int64_t t0,
+PYZSL_INLINE void input_transform(const T* x, const Geometry& g, int64_t C, const T* zeros, T* V, int64_t t0,
                                         int64_t t1) {
   std::array<const T*, 9> px;
   for (int64_t t = t0; t < t1; ++t) {
@@ -83,26 +86,14 @@ PYZSL_INLINE void input_transform_range(const T* x, const Geometry& g, int64_t C
     input_transform_tile(px, V + t * C, g.tiles * C, C);
   }
 }
-PYZSL_CLONES void input_transform_f32(const float* x, const Geometry& g, int64_t C, const float* zeros, float* V,
-                                      int64_t t0, int64_t t1) {
-  input_transform_range(x, g, C, zeros, V, t0, t1);
-}
-PYZSL_CLONES void input_transform_f64(const double* x, const Geometry& g, int64_t C, const double* zeros, double* V,
-                                      int64_t t0, int64_t t1) {
-  input_transform_range(x, g, C, zeros, V, t0, t1);
-}
-inline void input_transform(const float* x, const Geometry& g, int64_t C, const float* z, float* V, int64_t t0,
-                            int64_t t1) {
-  input_transform_f32(x, g, C, z, V, t0, t1);
-}
-inline void input_transform(const double* x, const Geometry& g, int64_t C, const double* z, double* V, int64_t t0,
-                            int64_t t1) {
-  input_transform_f64(x, g, C, z, V, t0, t1);
+PYZSL_CLONES void input_transform(const float* x, const Geometry& g, int64_t C, const float* zeros, float* V,
+                                  int64_t t0, int64_t t1) {
+  input_transform<float>(x, g, C, zeros, V, t0, t1);
 }
 
 // out[2 ti + a, 2 tj + b] = bias + sum_pq AT[a, p] AT[b, q] M[p, q] for the tiles t0..t1, outputs past the map dropped.
 template <typename T>
-PYZSL_INLINE void output_transform_range(const T* M, const T* __restrict bias, const Geometry& g, int64_t C, T* out,
+PYZSL_INLINE void output_transform(const T* M, const T* __restrict bias, const Geometry& g, int64_t C, T* out,
                                          int64_t t0, int64_t t1) {
   const int64_t stride = g.tiles * C;
   for (int64_t t = t0; t < t1; ++t) {
@@ -155,27 +146,15 @@ PYZSL_INLINE void output_transform_range(const T* M, const T* __restrict bias, c
     }
   }
 }
-PYZSL_CLONES void output_transform_f32(const float* M, const float* bias, const Geometry& g, int64_t C, float* out,
-                                       int64_t t0, int64_t t1) {
-  output_transform_range(M, bias, g, C, out, t0, t1);
-}
-PYZSL_CLONES void output_transform_f64(const double* M, const double* bias, const Geometry& g, int64_t C, double* out,
-                                       int64_t t0, int64_t t1) {
-  output_transform_range(M, bias, g, C, out, t0, t1);
-}
-inline void output_transform(const float* M, const float* b, const Geometry& g, int64_t C, float* o, int64_t t0,
-                             int64_t t1) {
-  output_transform_f32(M, b, g, C, o, t0, t1);
-}
-inline void output_transform(const double* M, const double* b, const Geometry& g, int64_t C, double* o, int64_t t0,
-                             int64_t t1) {
-  output_transform_f64(M, b, g, C, o, t0, t1);
+PYZSL_CLONES void output_transform(const float* M, const float* bias, const Geometry& g, int64_t C, float* out,
+                                   int64_t t0, int64_t t1) {
+  output_transform<float>(M, bias, g, C, out, t0, t1);
 }
 
 // dM[p, q][t] = sum_ab AT[a, p] AT[b, q] dout[2 ti + a, 2 tj + b] (the output transform transposed; outputs past the
 // map have no gradient). In one dimension: dm0 = dy0, dm1 = dy0 + dy1, dm2 = dy1.
 template <typename T>
-PYZSL_INLINE void output_transform_backward_range(const T* dout, const Geometry& g, int64_t C, const T* zeros, T* dM,
+PYZSL_INLINE void output_transform_backward(const T* dout, const Geometry& g, int64_t C, const T* zeros, T* dM,
                                                   int64_t t0, int64_t t1) {
   const int64_t stride = g.tiles * C;
   for (int64_t t = t0; t < t1; ++t) {
@@ -207,21 +186,9 @@ PYZSL_INLINE void output_transform_backward_range(const T* dout, const Geometry&
     }
   }
 }
-PYZSL_CLONES void output_transform_backward_f32(const float* dout, const Geometry& g, int64_t C, const float* zeros,
-                                                float* dM, int64_t t0, int64_t t1) {
-  output_transform_backward_range(dout, g, C, zeros, dM, t0, t1);
-}
-PYZSL_CLONES void output_transform_backward_f64(const double* dout, const Geometry& g, int64_t C, const double* zeros,
-                                                double* dM, int64_t t0, int64_t t1) {
-  output_transform_backward_range(dout, g, C, zeros, dM, t0, t1);
-}
-inline void output_transform_backward(const float* d, const Geometry& g, int64_t C, const float* z, float* dM,
-                                      int64_t t0, int64_t t1) {
-  output_transform_backward_f32(d, g, C, z, dM, t0, t1);
-}
-inline void output_transform_backward(const double* d, const Geometry& g, int64_t C, const double* z, double* dM,
-                                      int64_t t0, int64_t t1) {
-  output_transform_backward_f64(d, g, C, z, dM, t0, t1);
+PYZSL_CLONES void output_transform_backward(const float* dout, const Geometry& g, int64_t C, const float* zeros,
+                                            float* dM, int64_t t0, int64_t t1) {
+  output_transform_backward<float>(dout, g, C, zeros, dM, t0, t1);
 }
 
 // dx = B dV B^T, gathered per input pixel so that threads never write the same pixel: row y = 2k is row 0 of tile
@@ -267,7 +234,7 @@ void input_transform_backward(const T* dV, const Geometry& g, int64_t C, T* dx, 
 
 // U[p, q][k] = sum_ab G[p, a] G[q, b] g[k, a, b] for the k = (co, ci) pairs k0..k1 of weight g [C_out C_in, 2, 2].
 template <typename T>
-PYZSL_INLINE void weight_transform_range(const T* __restrict g, T* __restrict u, int64_t plane, int64_t k0,
+PYZSL_INLINE void weight_transform(const T* __restrict g, T* __restrict u, int64_t plane, int64_t k0,
                                          int64_t k1) {
 #pragma GCC ivdep
   for (int64_t k = k0; k < k1; ++k) {
@@ -287,7 +254,7 @@ PYZSL_INLINE void weight_transform_range(const T* __restrict g, T* __restrict u,
 
 // dweight[k, a, b] = sum_pq G[p, a] G[q, b] dU[p, q][k]: G's transpose picks p in {a, a + 1} and q in {b, b + 1}.
 template <typename T>
-PYZSL_INLINE void weight_transform_backward_range(const T* __restrict du, T* __restrict g, int64_t plane, int64_t k0,
+PYZSL_INLINE void weight_transform_backward(const T* __restrict du, T* __restrict g, int64_t plane, int64_t k0,
                                                   int64_t k1) {
 #pragma GCC ivdep
   for (int64_t k = k0; k < k1; ++k) {
@@ -302,29 +269,11 @@ PYZSL_INLINE void weight_transform_backward_range(const T* __restrict du, T* __r
   }
 }
 
-PYZSL_CLONES void weight_transform_f32(const float* g, float* u, int64_t plane, int64_t k0, int64_t k1) {
-  weight_transform_range(g, u, plane, k0, k1);
+PYZSL_CLONES void weight_transform(const float* g, float* u, int64_t plane, int64_t k0, int64_t k1) {
+  weight_transform<float>(g, u, plane, k0, k1);
 }
-PYZSL_CLONES void weight_transform_f64(const double* g, double* u, int64_t plane, int64_t k0, int64_t k1) {
-  weight_transform_range(g, u, plane, k0, k1);
-}
-PYZSL_CLONES void weight_transform_backward_f32(const float* du, float* g, int64_t plane, int64_t k0, int64_t k1) {
-  weight_transform_backward_range(du, g, plane, k0, k1);
-}
-PYZSL_CLONES void weight_transform_backward_f64(const double* du, double* g, int64_t plane, int64_t k0, int64_t k1) {
-  weight_transform_backward_range(du, g, plane, k0, k1);
-}
-inline void weight_transform(const float* g, float* u, int64_t plane, int64_t k0, int64_t k1) {
-  weight_transform_f32(g, u, plane, k0, k1);
-}
-inline void weight_transform(const double* g, double* u, int64_t plane, int64_t k0, int64_t k1) {
-  weight_transform_f64(g, u, plane, k0, k1);
-}
-inline void weight_transform_backward(const float* du, float* g, int64_t plane, int64_t k0, int64_t k1) {
-  weight_transform_backward_f32(du, g, plane, k0, k1);
-}
-inline void weight_transform_backward(const double* du, double* g, int64_t plane, int64_t k0, int64_t k1) {
-  weight_transform_backward_f64(du, g, plane, k0, k1);
+PYZSL_CLONES void weight_transform_backward(const float* du, float* g, int64_t plane, int64_t k0, int64_t k1) {
+  weight_transform_backward<float>(du, g, plane, k0, k1);
 }
 
 // U [9, C_out, C_in] of weight [C_out, C_in, 2, 2].
