@@ -142,7 +142,7 @@ class LESA(nn.Module):
             raise ValueError(f"LESA: features must be [B, {self.grid[0] * self.grid[1]}, {self.feature_dim}] "
                              f"(grid {self.grid}), got {list(features.shape)}")
         regions = self.region_features(features)
-        region_sum = regions.sum(1)
+        region_sum = regions.sum(1) if regions.requires_grad else None  # only the backward's order needs it here
         classifiers = self.label_projection(self.vectors(label_set))
         attention = shared_multi_attention(regions, self.w1, self.w2, classifiers, backend=self.backend)
         return LESAOutput(attention.scores, attention, regions, classifiers, region_sum)
