@@ -7,6 +7,12 @@ with an autograd-aware all-reduce. Then N processes with batch B/N step exactly 
 """
 import torch
 import torch.distributed as dist
+# DDP imports torch.distributed.nn.functional on first use, whose functions take ``group=group.WORLD`` as a default
+# argument. Imported after init_process_group, that default pins the process group for the life of the interpreter:
+# destroy_process_group then leaves gloo's threads running, and tearing them down during interpreter shutdown can
+# abort the process ("terminate called without an active exception"). Imported here, before any group exists, the
+# default is None.
+import torch.distributed.nn.functional  # noqa: F401
 from torch import Tensor, nn
 
 
@@ -14,12 +20,27 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """y = sum over ranks of x; every rank's x feeds every rank's y, so dx = sum over ranks of dy."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+
 def all_reduce_sum(tensor: Tensor) -> Tensor:
     """Sum over ranks, differentiable (the backward sums the ranks' gradients); identity on one process."""
     if world_size() == 1:
         return tensor
-    from torch.distributed.nn.functional import all_reduce
-    return all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return _AllReduceSum.apply(tensor)
 
 
 def global_batch_size(local: int, device: torch.device) -> int:
