@@ -297,6 +297,24 @@ def test_cpp_topk_with_many_chunks_and_ties(levels):
 
 
 @needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_ap_with_lopsided_bins(dtype):
+    # The CPU AP sorts each label's positives by bin (about two per bin) and then within bins: an outlier positive
+    # crowds the others into the lowest bins (a sort of more than 16, and insertion sorts of 2 to 16), ties and a
+    # one-value label fill single bins, and distinct untied scores keep the usual spread.
+    g = torch.Generator().manual_seed(11)
+    N = 3000
+    scores = torch.randn(N, 6, generator=g, dtype=torch.float64)
+    targets = torch.where(torch.rand(N, 6, generator=g) < 0.3, 1, -1).to(torch.int8)
+    scores[0, :3], targets[0, :3] = 1e6, 1                      # an outlier positive in labels 0-2
+    scores[:, 1] = torch.round(scores[:, 1] * 2)                 # and ties in label 1
+    scores[:, 2] = torch.round(scores[:, 2] * 40) / 40           # many small tie groups in label 2
+    scores[1:, 3] = 0.5                                          # label 3: one value besides row 0
+    scores[:, 4] = torch.round(scores[:, 4] * 8)                 # about 50 values: full bins
+    assert_ops_agree(scores.to(dtype), targets, ks=(1,), masks=True)
+
+
+@needs_cpp
 @pytest.mark.parametrize("shape", [(8192 * 2 + 3, 5), (300, 40000)])
 def test_cpp_ops_span_several_row_tiles(shape):
     # The CPU AP kernel reads rows in tiles of 256 to 16384 rows (fewer when a thread owns many labels): cross them.

@@ -7,7 +7,7 @@
 //   1. A row-major scan of the targets gathers each label's positive scores (CSR over labels); the scores of a
 //      batch of positives are prefetched together, so their scattered cache lines arrive in parallel.
 //   2. Each label gets a table of G ~ 2P equal-width bins over [lowest, highest positive] that gives, per bin, how
-//      many positives lie in lower bins. The bin function is monotone, so a score's bucket is that count plus a
+//      many positives lie in lower bins (the positives are sorted by bin, then within their bin: O(P)). The bin function is monotone, so a score's bucket is that count plus a
 //      comparison with the positives of its own bin (usually none to three, compared without branches): exact.
 //   3. Each thread owns a range of labels and reads its part of the rows in order, a tile at a time, copying the
 //      tile column by column into a buffer. Entries that take no part are NaN (the portable loop, and with AVX-512
@@ -155,29 +155,53 @@ struct LabelTable {
   std::vector<int32_t> bins;  // per bin: (#positives in lower bins) << 3 | min(#positives in the bin, 4)
   std::vector<int32_t> count;  // count[m] = #other annotated entries in [lo, hi) with exactly m positives <= them
   int64_t above = 0;          // other annotated entries >= hi
+  std::vector<int32_t> bin_of_positive, bin_end;  // scratch of build()
 
+  // Sorts the positives by bin first: bins are monotone in the score, so sorting each bin's few positives (about
+  // two per bin) then sorts them all, in O(P) for any but very lopsided bins, where std::sort takes over.
   void build(const T* first, int64_t n) {
     P = n;
-    pos.assign(first, first + n);
-    std::sort(pos.begin(), pos.end());
-    pos.insert(pos.end(), kInBinCompares, std::numeric_limits<T>::infinity());
+    pos.resize(P + kInBinCompares);
+    std::fill(pos.begin() + P, pos.end(), std::numeric_limits<T>::infinity());
     count.assign(P + 1, 0);
     above = 0;
     lo = hi = std::numeric_limits<T>::infinity();
     if (P == 0) return;
-    lo = pos.front();
-    hi = pos[P - 1];
+    const auto [lowest, highest] = std::minmax_element(first, first + n);
+    lo = *lowest;
+    hi = *highest;
     const int64_t G = std::min<int64_t>(kBinsPerPositive * P, kMaxBins);
     last_bin = static_cast<T>(G - 1);
     scale = hi > lo ? static_cast<T>(G) / (hi - lo) : T(0);
     if (!std::isfinite(static_cast<double>(scale))) scale = 0;  // positives too close for the bin width: one bin
     bins.assign(G, 0);
-    for (int64_t i = 0; i < P; ++i) ++bins[bin_of(pos[i], lo, scale, last_bin)];  // positives per bin, for now
+    bin_of_positive.resize(P);
+    for (int64_t i = 0; i < P; ++i) {
+      bin_of_positive[i] = bin_of(first[i], lo, scale, last_bin);
+      ++bins[bin_of_positive[i]];  // positives per bin, for now
+    }
+    bin_end.resize(G);
     int32_t below = 0;
-    for (int32_t& entry : bins) {
-      const int32_t in_bin = entry;
-      entry = (below << 3) | std::min(in_bin, kInBinCompares + 1);
+    for (int64_t b = 0; b < G; ++b) {
+      const int32_t in_bin = bins[b];
+      bins[b] = (below << 3) | std::min(in_bin, kInBinCompares + 1);
+      bin_end[b] = below;  // the bin's start while scattering, its end after
       below += in_bin;
+    }
+    for (int64_t i = 0; i < P; ++i) pos[bin_end[bin_of_positive[i]]++] = first[i];
+    for (int64_t b = 0; b < G; ++b) {
+      T* const begin = pos.data() + (bins[b] >> 3);
+      T* const end = pos.data() + bin_end[b];
+      if (end - begin > 16) {
+        std::sort(begin, end);
+      } else {
+        for (T* i = begin + 1; i < end; ++i) {  // insertion sort
+          const T v = *i;
+          T* j = i;
+          for (; j > begin && *(j - 1) > v; --j) *j = *(j - 1);
+          *j = v;
+        }
+      }
     }
   }
 
