@@ -3,12 +3,14 @@
 // multilabel_ap never sorts a label's N scores. AP only needs, for each positive p, how many annotated entries
 // score at least p. So per label we sort its P positives, drop every other annotated entry into the bucket
 // "how many positives are <= its score", and suffix sums over the buckets give each positive its count:
-// O(N + P log P) work per label and no copy of the score matrix.
-//   1. A row-major scan of the targets gathers each label's positive scores (CSR over labels); the scores of a
-//      batch of positives are prefetched together, so their scattered cache lines arrive in parallel.
+// O(N + P) work per label (O(N + P log P) at worst) and no copy of the score matrix.
+//   1. A row-major scan of the targets (with AVX-512, 64 per comparison) gathers each label's positive scores
+//      (CSR over labels); the scores of a batch of positives are prefetched together, so their scattered cache
+//      lines arrive in parallel.
 //   2. Each label gets a table of G ~ 2P equal-width bins over [lowest, highest positive] that gives, per bin, how
-//      many positives lie in lower bins (the positives are sorted by bin, then within their bin: O(P)). The bin function is monotone, so a score's bucket is that count plus a
+//      many positives lie in lower bins. The bin function is monotone, so a score's bucket is that count plus a
 //      comparison with the positives of its own bin (usually none to three, compared without branches): exact.
+//      The same bins sort the positives: by bin, then within each bin, in O(P) but for lopsided bins.
 //   3. Each thread owns a range of labels and reads its part of the rows in order, a tile at a time, copying the
 //      tile column by column into a buffer. Entries that take no part are NaN (the portable loop, and with AVX-512
 //      16 x 16 register transposes when most entries are annotated) or left out (AVX-512 scatters of only the
@@ -38,6 +40,7 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define PYZSL_X86_SIMD 1
+#define PYZSL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt")))
 #endif
 
 namespace pyzsl {
@@ -79,6 +82,42 @@ inline bool any_byte_is_one(const int8_t* p) {
   return ((x - 0x0101010101010101ULL) & ~x & 0x8080808080808080ULL) != 0;
 }
 
+// Calls found(j) for every j < L with t[j] == 1, in increasing j; positives are sparse, so eight targets are
+// skipped at a time.
+template <typename Found>
+inline void find_ones(const int8_t* t, int64_t L, Found&& found) {
+  int64_t j = 0;
+  for (; j + 8 <= L; j += 8) {
+    if (!any_byte_is_one(t + j)) continue;
+    for (int64_t i = j; i < j + 8; ++i) {
+      if (t[i] == 1) found(i);
+    }
+  }
+  for (; j < L; ++j) {
+    if (t[j] == 1) found(j);
+  }
+}
+
+#ifdef PYZSL_X86_SIMD
+// PYZSL_NO_AVX512=1 forces the portable loops, so that the tests cover them on any machine.
+inline bool avx512_enabled() {
+  static const bool enabled = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                              std::getenv("PYZSL_NO_AVX512") == nullptr;
+  return enabled;
+}
+
+// find_ones with AVX-512: one comparison per 64 targets, then the set bits of its mask.
+template <typename Found>
+PYZSL_AVX512 void find_ones_avx512(const int8_t* t, int64_t L, Found&& found) {
+  for (int64_t j = 0; j < L; j += 64) {
+    const __mmask64 lanes = L - j >= 64 ? ~__mmask64(0) : (__mmask64(1) << (L - j)) - 1;
+    uint64_t ones = _mm512_mask_cmpeq_epi8_mask(lanes, _mm512_maskz_loadu_epi8(lanes, t + j), _mm512_set1_epi8(1));
+    for (; ones != 0; ones &= ones - 1) found(j + __builtin_ctzll(ones));
+  }
+}
+#endif
+
 template <typename scalar_t, typename T = compare_t<scalar_t>>
 PositivesByLabel<T> gather_positives(const scalar_t* scores, const int8_t* targets, const bool* row_mask, int64_t N,
                                      int64_t L) {
@@ -89,8 +128,11 @@ PositivesByLabel<T> gather_positives(const scalar_t* scores, const int8_t* targe
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, N));
   const int64_t rows_per_chunk = (N + chunks - 1) / chunks;
   std::vector<std::vector<Hit>> hits(chunks);
-  // One row-major scan; positives are sparse, so eight targets are skipped at a time. Their scores are scattered
-  // over the rows' cache lines: each is prefetched when found and read once kGatherBatch more have been found.
+  // One row-major scan of the targets. The positives' scores are scattered over the rows' cache lines: each is
+  // prefetched when found and read once kGatherBatch more have been found.
+#ifdef PYZSL_X86_SIMD
+  const bool use_avx512 = avx512_enabled();
+#endif
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<std::pair<int32_t, int64_t>> pending;  // (label, flat index) of positives not read yet
     pending.reserve(kGatherBatch);
@@ -106,17 +148,14 @@ PositivesByLabel<T> gather_positives(const scalar_t* scores, const int8_t* targe
       };
       for (int64_t n = c * rows_per_chunk; n < std::min(N, (c + 1) * rows_per_chunk); ++n) {
         if (row_mask != nullptr && !row_mask[n]) continue;
-        const int8_t* t = targets + n * L;
-        int64_t j = 0;
-        for (; j + 8 <= L; j += 8) {
-          if (!any_byte_is_one(t + j)) continue;
-          for (int64_t i = j; i < j + 8; ++i) {
-            if (t[i] == 1) found(n, i);
-          }
+        const auto found_in_row = [&](int64_t j) { found(n, j); };
+#ifdef PYZSL_X86_SIMD
+        if (use_avx512) {
+          find_ones_avx512(targets + n * L, L, found_in_row);
+          continue;
         }
-        for (; j < L; ++j) {
-          if (t[j] == 1) found(n, j);
-        }
+#endif
+        find_ones(targets + n * L, L, found_in_row);
       }
       flush();
     }
@@ -255,7 +294,6 @@ void count_run(LabelTable<T>& table, const T* values, int64_t n) {
 }
 
 #ifdef PYZSL_X86_SIMD
-#define PYZSL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt")))
 
 // The AVX-512 form of LabelTable::add over 16 scores: bins (the same IEEE operations as bin_of: subtract, multiply,
 // max with 0, min, truncate, so every bin equals the scalar one the table was built with), gathered bin entries and
@@ -450,10 +488,7 @@ void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_ma
   // Entries with target <= this value are "other annotated": -1 always, 0 when unannotated counts as negative.
   const int8_t max_negative = unannotated_is_negative ? 0 : -1;
 #ifdef PYZSL_X86_SIMD
-  // PYZSL_NO_AVX512=1 forces the portable loops, so that the tests cover them on any machine.
-  static const bool use_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                                 std::getenv("PYZSL_NO_AVX512") == nullptr;
+  const bool use_avx512 = avx512_enabled();
 #endif
   // Each thread owns a contiguous range of labels and reads its part of the rows in order, a tile of rows at a
   // time, which the hardware prefetchers follow. The tile is first copied column by column into a thread-local
@@ -616,8 +651,9 @@ PYZSL_AVX512 inline void offer16(TopK16& top, float v, int32_t j, int64_t kept) 
   const __mmask16 moved = __mmask16(~0u << (place + 1));
   const __mmask16 at = __mmask16(1u << place);
   const __m512i from = _mm512_mask_sub_epi32(lane, moved, lane, _mm512_set1_epi32(1));
-  top.best = _mm512_mask_mov_ps(_mm512_permutexvar_ps(from, top.best), at, value);
-  top.index = _mm512_mask_mov_epi32(_mm512_permutexvar_epi32(from, top.index), at, _mm512_set1_epi32(j));
+  top.best = _mm512_mask_mov_ps(_mm512_maskz_permutexvar_ps(0xFFFF, from, top.best), at, value);
+  top.index =
+      _mm512_mask_mov_epi32(_mm512_maskz_permutexvar_epi32(0xFFFF, from, top.index), at, _mm512_set1_epi32(j));
   top.filled = __mmask16((uint32_t(top.filled) << 1 | 1) & ((1u << kept) - 1));
 }
 
@@ -628,7 +664,7 @@ PYZSL_AVX512 void topk_row_avx512_small(const float* s, int64_t L, TopKBuffer<fl
   int64_t j = 0;
   for (; j < L && j < kept; ++j) offer16(top, s[j], static_cast<int32_t>(j), kept);
   const __m512i last = _mm512_set1_epi32(static_cast<int32_t>(kept - 1));
-  __m512 threshold = _mm512_permutexvar_ps(last, top.best);
+  __m512 threshold = _mm512_maskz_permutexvar_ps(0xFFFF, last, top.best);
   for (; j + kTopkChunk <= L; j += kTopkChunk) {
     const uint32_t high = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + j + 16), threshold, _CMP_GT_OQ);
     uint32_t above = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + j), threshold, _CMP_GT_OQ) | (high << 16);
@@ -637,7 +673,7 @@ PYZSL_AVX512 void topk_row_avx512_small(const float* s, int64_t L, TopKBuffer<fl
       const int64_t i = j + __builtin_ctz(above);
       offer16(top, s[i], static_cast<int32_t>(i), kept);
     }
-    threshold = _mm512_permutexvar_ps(last, top.best);
+    threshold = _mm512_maskz_permutexvar_ps(0xFFFF, last, top.best);
   }
   for (; j < L; ++j) offer16(top, s[j], static_cast<int32_t>(j), kept);
   alignas(64) int32_t index[16];
@@ -653,7 +689,7 @@ void topk_kernel(const scalar_t* scores, const int8_t* targets, int64_t N, int64
   using T = compare_t<scalar_t>;
   const int64_t kept = std::min(k, L);
 #ifdef PYZSL_X86_SIMD
-  static const bool use_avx512 = __builtin_cpu_supports("avx512f") && std::getenv("PYZSL_NO_AVX512") == nullptr;
+  const bool use_avx512 = avx512_enabled();
 #endif
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(L, 1));
   at::parallel_for(0, N, grain, [&](int64_t row_begin, int64_t row_end) {
