@@ -7,13 +7,15 @@ with an autograd-aware all-reduce. Then N processes with batch B/N step exactly 
 """
 import torch
 import torch.distributed as dist
-# DDP imports torch.distributed.nn.functional on first use, whose functions take ``group=group.WORLD`` as a default
-# argument. Imported after init_process_group, that default pins the process group for the life of the interpreter:
-# destroy_process_group then leaves gloo's threads running, and tearing them down during interpreter shutdown can
-# abort the process ("terminate called without an active exception"). Imported here, before any group exists, the
-# default is None.
-import torch.distributed.nn.functional  # noqa: F401
 from torch import Tensor, nn
+
+if dist.is_available():
+    # DDP imports torch.distributed.nn.functional on first use, whose functions take ``group=group.WORLD`` as a
+    # default argument. Imported after init_process_group, that default pins the process group for the life of the
+    # interpreter: destroy_process_group then leaves gloo's threads running, and tearing them down during interpreter
+    # shutdown can abort the process ("terminate called without an active exception"). Imported here, before any
+    # group exists, the default is None.
+    import torch.distributed.nn.functional  # noqa: F401
 
 
 def world_size() -> int:
