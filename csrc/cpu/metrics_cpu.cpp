@@ -582,6 +582,8 @@ struct TopKBuffer {
   std::vector<int64_t> index;
   int64_t kept, filled = 0;
   explicit TopKBuffer(int64_t k) : best(k), index(k), kept(k) {}
+  bool full() const { return filled == kept; }
+  T kth() const { return best[kept - 1]; }  // the k-th best, once full
 
   // Scores must be offered in increasing index order: a later index enters only when strictly better than the k-th.
   inline void offer(T v, int64_t j) {
@@ -601,9 +603,9 @@ struct TopKBuffer {
 template <typename scalar_t, typename T>
 void topk_row(const scalar_t* s, int64_t L, TopKBuffer<T>& top) {
   int64_t j = 0;
-  for (; j < L && top.filled < top.kept; ++j) top.offer(static_cast<T>(s[j]), j);
+  for (; j < L && !top.full(); ++j) top.offer(static_cast<T>(s[j]), j);
   for (; j + kTopkChunk <= L; j += kTopkChunk) {
-    const T threshold = top.best[top.kept - 1];
+    const T threshold = top.kth();
     uint32_t above = 0;
     for (int64_t i = 0; i < kTopkChunk; ++i) above |= static_cast<uint32_t>(static_cast<T>(s[j + i]) > threshold) << i;
     for (; above != 0; above &= above - 1) {
@@ -615,12 +617,51 @@ void topk_row(const scalar_t* s, int64_t L, TopKBuffer<T>& top) {
 }
 
 #ifdef PYZSL_X86_SIMD
+// The k <= 16 best of a row in registers, for float rows with AVX-512: scores best first in `best`, their indices
+// in `index`; the same interface as TopKBuffer.
+struct TopKRegisters {
+  __m512 best;
+  __m512i index;
+  int64_t kept, filled = 0;
+  PYZSL_AVX512 explicit TopKRegisters(int64_t k)
+      : best(_mm512_set1_ps(-std::numeric_limits<float>::infinity())), index(_mm512_setzero_si512()), kept(k) {}
+  bool full() const { return filled == kept; }
+  PYZSL_AVX512 float kth() const {
+    return _mm512_cvtss_f32(_mm512_maskz_permutexvar_ps(0xFFFF, _mm512_set1_epi32(int32_t(kept - 1)), best));
+  }
+
+  // An offered score's place is the number of kept scores >= it (equal ones keep their lower index first); the
+  // kept lanes from that place on move one lane up by a permute, so no branch depends on the place.
+  PYZSL_AVX512 void offer(float v, int64_t j) {
+    const __m512 value = _mm512_set1_ps(v);
+    const int place = __builtin_popcount(_mm512_mask_cmp_ps_mask(__mmask16((1u << filled) - 1), best, value,
+                                                                 _CMP_GE_OQ));
+    if (place >= kept) return;
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __mmask16 at = __mmask16(1u << place);
+    const __m512i from = _mm512_mask_sub_epi32(lane, __mmask16(~0u << (place + 1)), lane, _mm512_set1_epi32(1));
+    best = _mm512_mask_mov_ps(_mm512_maskz_permutexvar_ps(0xFFFF, from, best), at, value);
+    index = _mm512_mask_mov_epi32(_mm512_maskz_permutexvar_epi32(0xFFFF, from, index), at,
+                                  _mm512_set1_epi32(static_cast<int32_t>(j)));
+    filled += filled < kept;
+  }
+
+  PYZSL_AVX512 void copy_indices_to(TopKBuffer<float>& out) const {
+    alignas(64) int32_t lanes[16];
+    _mm512_store_si512(lanes, index);
+    for (int64_t r = 0; r < filled; ++r) out.index[r] = lanes[r];
+    out.filled = filled;
+  }
+};
+
 static_assert(kTopkChunk == 32, "topk_row_avx512 reads a chunk as two vectors of 16");
-// topk_row for a float row with AVX-512: the same scan, with the chunk comparison inline.
-PYZSL_AVX512 void topk_row_avx512(const float* s, int64_t L, TopKBuffer<float>& top) {
+// topk_row for a float row with AVX-512 (into a TopKBuffer, or TopKRegisters when k <= 16 and L < 2^31): the same
+// scan, with the chunk comparison inline.
+template <typename Top>
+PYZSL_AVX512 void topk_row_avx512(const float* s, int64_t L, Top& top) {
   int64_t j = 0;
-  for (; j < L && top.filled < top.kept; ++j) top.offer(s[j], j);
-  __m512 threshold = _mm512_set1_ps(top.best[top.kept - 1]);
+  for (; j < L && !top.full(); ++j) top.offer(s[j], j);
+  __m512 threshold = _mm512_set1_ps(top.kth());
   for (; j + kTopkChunk <= L; j += kTopkChunk) {
     const uint32_t high = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + j + 16), threshold, _CMP_GT_OQ);
     uint32_t above = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + j), threshold, _CMP_GT_OQ) | (high << 16);
@@ -629,57 +670,9 @@ PYZSL_AVX512 void topk_row_avx512(const float* s, int64_t L, TopKBuffer<float>& 
       const int64_t i = j + __builtin_ctz(above);
       top.offer(s[i], i);
     }
-    threshold = _mm512_set1_ps(top.best[top.kept - 1]);
+    threshold = _mm512_set1_ps(top.kth());
   }
   for (; j < L; ++j) top.offer(s[j], j);
-}
-
-// The k <= 16 best of a row in registers: scores best first in `best`, their indices in `index`.
-struct TopK16 {
-  __m512 best;
-  __m512i index;
-  __mmask16 filled;
-};
-
-// Offers score v at index j (in increasing j). Its place is the number of kept scores >= v (equal ones keep their
-// lower index first); the kept lanes from that place on move one lane up by a permute, so no branch depends on it.
-PYZSL_AVX512 inline void offer16(TopK16& top, float v, int32_t j, int64_t kept) {
-  const __m512 value = _mm512_set1_ps(v);
-  const int place = __builtin_popcount(_mm512_mask_cmp_ps_mask(top.filled, top.best, value, _CMP_GE_OQ));
-  if (place >= kept) return;
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __mmask16 moved = __mmask16(~0u << (place + 1));
-  const __mmask16 at = __mmask16(1u << place);
-  const __m512i from = _mm512_mask_sub_epi32(lane, moved, lane, _mm512_set1_epi32(1));
-  top.best = _mm512_mask_mov_ps(_mm512_maskz_permutexvar_ps(0xFFFF, from, top.best), at, value);
-  top.index =
-      _mm512_mask_mov_epi32(_mm512_maskz_permutexvar_epi32(0xFFFF, from, top.index), at, _mm512_set1_epi32(j));
-  top.filled = __mmask16((uint32_t(top.filled) << 1 | 1) & ((1u << kept) - 1));
-}
-
-// topk_row_avx512 for k <= 16 and L < 2^31, with the k best in registers (TopK16) instead of TopKBuffer's arrays.
-PYZSL_AVX512 void topk_row_avx512_small(const float* s, int64_t L, TopKBuffer<float>& out) {
-  const int64_t kept = out.kept;
-  TopK16 top{_mm512_set1_ps(-std::numeric_limits<float>::infinity()), _mm512_setzero_si512(), 0};
-  int64_t j = 0;
-  for (; j < L && j < kept; ++j) offer16(top, s[j], static_cast<int32_t>(j), kept);
-  const __m512i last = _mm512_set1_epi32(static_cast<int32_t>(kept - 1));
-  __m512 threshold = _mm512_maskz_permutexvar_ps(0xFFFF, last, top.best);
-  for (; j + kTopkChunk <= L; j += kTopkChunk) {
-    const uint32_t high = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + j + 16), threshold, _CMP_GT_OQ);
-    uint32_t above = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + j), threshold, _CMP_GT_OQ) | (high << 16);
-    if (above == 0) continue;
-    for (; above != 0; above &= above - 1) {
-      const int64_t i = j + __builtin_ctz(above);
-      offer16(top, s[i], static_cast<int32_t>(i), kept);
-    }
-    threshold = _mm512_maskz_permutexvar_ps(0xFFFF, last, top.best);
-  }
-  for (; j < L; ++j) offer16(top, s[j], static_cast<int32_t>(j), kept);
-  alignas(64) int32_t index[16];
-  _mm512_store_si512(index, top.index);
-  for (int64_t r = 0; r < kept; ++r) out.index[r] = index[r];
-  out.filled = std::min(kept, L);
 }
 #endif
 
@@ -701,7 +694,9 @@ void topk_kernel(const scalar_t* scores, const int8_t* targets, int64_t N, int64
 #ifdef PYZSL_X86_SIMD
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (use_avx512 && kept <= 16 && L <= std::numeric_limits<int32_t>::max()) {
-          topk_row_avx512_small(s, L, top);
+          TopKRegisters registers(kept);
+          topk_row_avx512(s, L, registers);
+          registers.copy_indices_to(top);
         } else if (use_avx512) {
           topk_row_avx512(s, L, top);
         } else {
