@@ -151,6 +151,22 @@ PYZSL_CLONES void output_transform(const float* M, const float* bias, const Geom
   output_transform<float>(M, bias, g, C, out, t0, t1);
 }
 
+// out[(3 p + q) * plane] = sum_ab G[p, a] G[q, b] x_ab with G = [[1,0],[1,1],[0,1]]: the weight transform, and the
+// output transform's backward (AT transposed is G).
+template <typename T>
+PYZSL_INLINE void spread_2x2(T x00, T x01, T x10, T x11, T* __restrict out, int64_t plane) {
+  const T s0 = x00 + x10, s1 = x01 + x11;  // G's middle row over a
+  out[0] = x00;
+  out[plane] = x00 + x01;
+  out[2 * plane] = x01;
+  out[3 * plane] = s0;
+  out[4 * plane] = s0 + s1;
+  out[5 * plane] = s1;
+  out[6 * plane] = x10;
+  out[7 * plane] = x10 + x11;
+  out[8 * plane] = x11;
+}
+
 // dM[p, q][t] = sum_ab AT[a, p] AT[b, q] dout[2 ti + a, 2 tj + b] (the output transform transposed; outputs past the
 // map have no gradient). In one dimension: dm0 = dy0, dm1 = dy0 + dy1, dm2 = dy1.
 template <typename T>
@@ -169,21 +185,7 @@ PYZSL_INLINE void output_transform_backward(const T* dout, const Geometry& g, in
     const T *dy00 = dy[0][0], *dy01 = dy[0][1], *dy10 = dy[1][0], *dy11 = dy[1][1];
     T* __restrict m = dM + t * C;
 #pragma GCC ivdep
-    for (int64_t c = 0; c < C; ++c) {
-      // rows, r_pe, then the columns
-      const T r00 = dy00[c], r01 = dy01[c];
-      const T r10 = dy00[c] + dy10[c], r11 = dy01[c] + dy11[c];
-      const T r20 = dy10[c], r21 = dy11[c];
-      m[c] = r00;
-      m[stride + c] = r00 + r01;
-      m[2 * stride + c] = r01;
-      m[3 * stride + c] = r10;
-      m[4 * stride + c] = r10 + r11;
-      m[5 * stride + c] = r11;
-      m[6 * stride + c] = r20;
-      m[7 * stride + c] = r20 + r21;
-      m[8 * stride + c] = r21;
-    }
+    for (int64_t c = 0; c < C; ++c) spread_2x2(dy00[c], dy01[c], dy10[c], dy11[c], m + c, stride);
   }
 }
 PYZSL_CLONES void output_transform_backward(const float* dout, const Geometry& g, int64_t C, const float* zeros,
@@ -237,19 +239,7 @@ template <typename T>
 PYZSL_INLINE void weight_transform(const T* __restrict g, T* __restrict u, int64_t plane, int64_t k0,
                                          int64_t k1) {
 #pragma GCC ivdep
-  for (int64_t k = k0; k < k1; ++k) {
-    const T g00 = g[4 * k], g01 = g[4 * k + 1], g10 = g[4 * k + 2], g11 = g[4 * k + 3];
-    const T s0 = g00 + g10, s1 = g01 + g11;  // G's middle row over a
-    u[k] = g00;
-    u[plane + k] = g00 + g01;
-    u[2 * plane + k] = g01;
-    u[3 * plane + k] = s0;
-    u[4 * plane + k] = s0 + s1;
-    u[5 * plane + k] = s1;
-    u[6 * plane + k] = g10;
-    u[7 * plane + k] = g10 + g11;
-    u[8 * plane + k] = g11;
-  }
+  for (int64_t k = k0; k < k1; ++k) spread_2x2(g[4 * k], g[4 * k + 1], g[4 * k + 2], g[4 * k + 3], u + k, plane);
 }
 
 // dweight[k, a, b] = sum_pq G[p, a] G[q, b] dU[p, q][k]: G's transpose picks p in {a, a + 1} and q in {b, b + 1}.
