@@ -25,8 +25,12 @@ namespace {
 
 constexpr int64_t kRows = 256;  // rows per block of the reductions (fixed, so sums do not depend on threads)
 
+// Each pass is a template (double runs it as is: tests and gradcheck) plus a float overload cloned for AVX-512 /
+// AVX2 / baseline (PYZSL_CLONES, vector_math.h), which overload resolution prefers for float pointers.
+
+// s1[c] += x, s2[c] += x * x over the rows
 template <typename T>
-PYZSL_INLINE void sums_rows(const T* __restrict x, double* __restrict s1, double* __restrict s2, int64_t rows, int64_t C) {
+PYZSL_INLINE void sums(const T* __restrict x, double* __restrict s1, double* __restrict s2, int64_t rows, int64_t C) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * C;
     for (int64_t c = 0; c < C; ++c) {
@@ -36,18 +40,14 @@ PYZSL_INLINE void sums_rows(const T* __restrict x, double* __restrict s1, double
     }
   }
 }
-PYZSL_CLONES void sums_f32(const float* x, double* s1, double* s2, int64_t rows, int64_t C) {
-  sums_rows<float>(x, s1, s2, rows, C);
+PYZSL_CLONES void sums(const float* x, double* s1, double* s2, int64_t rows, int64_t C) {
+  sums<float>(x, s1, s2, rows, C);
 }
-PYZSL_CLONES void sums_f64(const double* x, double* s1, double* s2, int64_t rows, int64_t C) {
-  sums_rows<double>(x, s1, s2, rows, C);
-}
-inline void sums(const float* x, double* s1, double* s2, int64_t rows, int64_t C) { sums_f32(x, s1, s2, rows, C); }
-inline void sums(const double* x, double* s1, double* s2, int64_t rows, int64_t C) { sums_f64(x, s1, s2, rows, C); }
 
+// out = max(0, x * scale[c] + shift[c])
 template <typename T>
-PYZSL_INLINE void affine_relu_rows(const T* __restrict x, const T* __restrict scale, const T* __restrict shift,
-                             T* __restrict out, int64_t rows, int64_t C) {
+PYZSL_INLINE void affine_relu(const T* __restrict x, const T* __restrict scale, const T* __restrict shift,
+                              T* __restrict out, int64_t rows, int64_t C) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < C; ++c) {
       const T v = x[r * C + c] * scale[c] + shift[c];
@@ -55,25 +55,15 @@ PYZSL_INLINE void affine_relu_rows(const T* __restrict x, const T* __restrict sc
     }
   }
 }
-PYZSL_CLONES void affine_relu_f32(const float* x, const float* scale, const float* shift, float* out, int64_t rows,
-                                     int64_t C) {
-  affine_relu_rows<float>(x, scale, shift, out, rows, C);
-}
-PYZSL_CLONES void affine_relu_f64(const double* x, const double* scale, const double* shift, double* out,
-                                     int64_t rows, int64_t C) {
-  affine_relu_rows<double>(x, scale, shift, out, rows, C);
-}
-inline void affine_relu(const float* x, const float* a, const float* b, float* o, int64_t rows, int64_t C) {
-  affine_relu_f32(x, a, b, o, rows, C);
-}
-inline void affine_relu(const double* x, const double* a, const double* b, double* o, int64_t rows, int64_t C) {
-  affine_relu_f64(x, a, b, o, rows, C);
+PYZSL_CLONES void affine_relu(const float* x, const float* scale, const float* shift, float* out, int64_t rows,
+                              int64_t C) {
+  affine_relu<float>(x, scale, shift, out, rows, C);
 }
 
 // g = grad * (out > 0); sg[c] += g, sgx[c] += g * x
 template <typename T>
-PYZSL_INLINE void grad_sums_rows(const T* __restrict grad, const T* __restrict out, const T* __restrict x,
-                           double* __restrict sg, double* __restrict sgx, int64_t rows, int64_t C) {
+PYZSL_INLINE void grad_sums(const T* __restrict grad, const T* __restrict out, const T* __restrict x,
+                            double* __restrict sg, double* __restrict sgx, int64_t rows, int64_t C) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < C; ++c) {
       const int64_t i = r * C + c;
@@ -84,28 +74,16 @@ PYZSL_INLINE void grad_sums_rows(const T* __restrict grad, const T* __restrict o
     }
   }
 }
-PYZSL_CLONES void grad_sums_f32(const float* g, const float* o, const float* x, double* sg, double* sgx,
-                                   int64_t rows, int64_t C) {
-  grad_sums_rows<float>(g, o, x, sg, sgx, rows, C);
-}
-PYZSL_CLONES void grad_sums_f64(const double* g, const double* o, const double* x, double* sg, double* sgx,
-                                   int64_t rows, int64_t C) {
-  grad_sums_rows<double>(g, o, x, sg, sgx, rows, C);
-}
-inline void grad_sums(const float* g, const float* o, const float* x, double* sg, double* sgx, int64_t rows,
-                      int64_t C) {
-  grad_sums_f32(g, o, x, sg, sgx, rows, C);
-}
-inline void grad_sums(const double* g, const double* o, const double* x, double* sg, double* sgx, int64_t rows,
-                      int64_t C) {
-  grad_sums_f64(g, o, x, sg, sgx, rows, C);
+PYZSL_CLONES void grad_sums(const float* grad, const float* out, const float* x, double* sg, double* sgx,
+                            int64_t rows, int64_t C) {
+  grad_sums<float>(grad, out, x, sg, sgx, rows, C);
 }
 
 // grad_x = (out > 0 ? grad : 0) * k1[c] + (x - mean[c]) * k2[c] + k3[c]  (the batch-norm backward per channel)
 template <typename T>
-PYZSL_INLINE void grad_x_rows(const T* __restrict grad, const T* __restrict out, const T* __restrict x,
-                        const T* __restrict mean, const T* __restrict k1, const T* __restrict k2, const T* __restrict k3, T* __restrict gx,
-                        int64_t rows, int64_t C) {
+PYZSL_INLINE void grad_x(const T* __restrict grad, const T* __restrict out, const T* __restrict x,
+                         const T* __restrict mean, const T* __restrict k1, const T* __restrict k2,
+                         const T* __restrict k3, T* __restrict gx, int64_t rows, int64_t C) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < C; ++c) {
       const int64_t i = r * C + c;
@@ -115,21 +93,9 @@ PYZSL_INLINE void grad_x_rows(const T* __restrict grad, const T* __restrict out,
     }
   }
 }
-PYZSL_CLONES void grad_x_f32(const float* g, const float* o, const float* x, const float* m, const float* k1,
-                                const float* k2, const float* k3, float* gx, int64_t rows, int64_t C) {
-  grad_x_rows<float>(g, o, x, m, k1, k2, k3, gx, rows, C);
-}
-PYZSL_CLONES void grad_x_f64(const double* g, const double* o, const double* x, const double* m, const double* k1,
-                                const double* k2, const double* k3, double* gx, int64_t rows, int64_t C) {
-  grad_x_rows<double>(g, o, x, m, k1, k2, k3, gx, rows, C);
-}
-inline void grad_x(const float* g, const float* o, const float* x, const float* m, const float* k1, const float* k2,
-                   const float* k3, float* gx, int64_t rows, int64_t C) {
-  grad_x_f32(g, o, x, m, k1, k2, k3, gx, rows, C);
-}
-inline void grad_x(const double* g, const double* o, const double* x, const double* m, const double* k1,
-                   const double* k2, const double* k3, double* gx, int64_t rows, int64_t C) {
-  grad_x_f64(g, o, x, m, k1, k2, k3, gx, rows, C);
+PYZSL_CLONES void grad_x(const float* grad, const float* out, const float* x, const float* mean, const float* k1,
+                         const float* k2, const float* k3, float* gx, int64_t rows, int64_t C) {
+  grad_x<float>(grad, out, x, mean, k1, k2, k3, gx, rows, C);
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const char* op) {
@@ -242,7 +208,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(cons
     }
     T* gxp = grad_input.mutable_data_ptr<T>();
     at::parallel_for(0, N, std::max<int64_t>(1, 32768 / C), [&](int64_t r0, int64_t r1) {
-      grad_x(gp + r0 * C, op + r0 * C, xp + r0 * C, mt.data(), k1.data(), k2.data(), k3.data(), gxp + r0 * C, r1 - r0, C);
+      grad_x(gp + r0 * C, op + r0 * C, xp + r0 * C, mt.data(), k1.data(), k2.data(), k3.data(), gxp + r0 * C,
+             r1 - r0, C);
     });
   });
   return {grad_input, grad_weight, grad_bias};
