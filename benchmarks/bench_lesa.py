@@ -11,11 +11,12 @@ vectors of 300 dims, L = 925 (NUS-WIDE seen) and 7,186 (Open Images seen). Rows:
   heads), its four losses (rank + 0.1 distribution + 0.001 relevance + 0.01 diversity), backward, and a TF1 RMSProp
   step. pyzsl: ``LESA`` + ``lesa_loss`` on the cpp kernels (Winograd 2x2 conv, fused batch norm + ReLU, fused
   attention, head max, rank loss); reference: the model's plain-PyTorch path (``nn.Conv2d``, BatchNorm2d + ReLU)
-  with the losses as the published code computes them (``pyzsl.models._reference.published_lesa_losses``: full [B, M, L], pair tensor).
+  with the losses as the published code computes them (``pyzsl.models._reference.published_lesa_losses``: full
+  [B, M, L], pair tensor).
 The published pairwise loss needs several [B, L, L] tensors (6.6 GB each in float32 at L = 7,186), so the reference
 path runs it on chunks of images whose pair tensors hold at most 2^27 entries; each chunk is the published
-computation. Correctness first (outputs and gradients against the reference path, float64, 4 images), then the best of --repeats runs
-(one run for anything slower than 5 s); peak memory is each row's growth of the peak resident set (VmHWM) in a fresh
+computation. Correctness first (outputs and gradients against the reference path, float64, 4 images), then the best
+of --repeats runs (one run for anything slower than 5 s); peak memory is each row's growth of the peak resident set (VmHWM) in a fresh
 child process.
 
     python benchmarks/bench_lesa.py [--repeats 3] [--threads N] [--sizes 925 7186]
@@ -68,7 +69,9 @@ def attention(path, features, params, vectors):
 
 
 def rank_loss(path, scores, targets):
-    return lesa_rank_loss(scores, targets, backend="cpp") if path == "pyzsl" else pairwise_rank_loss(scores, targets, CHUNK_PAIRS)
+    if path == "pyzsl":
+        return lesa_rank_loss(scores, targets, backend="cpp")
+    return pairwise_rank_loss(scores, targets, CHUNK_PAIRS)
 
 
 def run(row, path, inputs, optimizer_state=None):

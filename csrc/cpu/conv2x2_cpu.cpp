@@ -79,7 +79,7 @@ PYZSL_INLINE void input_transform_tile(const std::array<const T*, 9>& d, T* __re
 
 template <typename T>
 PYZSL_INLINE void input_transform(const T* x, const Geometry& g, int64_t C, const T* zeros, T* V, int64_t t0,
-                                        int64_t t1) {
+                                  int64_t t1) {
   std::array<const T*, 9> px;
   for (int64_t t = t0; t < t1; ++t) {
     tile_pixels(x, g, t, C, zeros, px);
@@ -94,7 +94,7 @@ PYZSL_CLONES void input_transform(const float* x, const Geometry& g, int64_t C, 
 // out[2 ti + a, 2 tj + b] = bias + sum_pq AT[a, p] AT[b, q] M[p, q] for the tiles t0..t1, outputs past the map dropped.
 template <typename T>
 PYZSL_INLINE void output_transform(const T* M, const T* __restrict bias, const Geometry& g, int64_t C, T* out,
-                                         int64_t t0, int64_t t1) {
+                                   int64_t t0, int64_t t1) {
   const int64_t stride = g.tiles * C;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / (g.th * g.tw), ti = (t / g.tw) % g.th, tj = t % g.tw;
@@ -171,7 +171,7 @@ PYZSL_INLINE void spread_2x2(T x00, T x01, T x10, T x11, T* __restrict out, int6
 // map have no gradient). In one dimension: dm0 = dy0, dm1 = dy0 + dy1, dm2 = dy1.
 template <typename T>
 PYZSL_INLINE void output_transform_backward(const T* dout, const Geometry& g, int64_t C, const T* zeros, T* dM,
-                                                  int64_t t0, int64_t t1) {
+                                            int64_t t0, int64_t t1) {
   const int64_t stride = g.tiles * C;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / (g.th * g.tw), ti = (t / g.tw) % g.th, tj = t % g.tw;
@@ -237,7 +237,7 @@ void input_transform_backward(const T* dV, const Geometry& g, int64_t C, T* dx, 
 // U[p, q][k] = sum_ab G[p, a] G[q, b] g[k, a, b] for the k = (co, ci) pairs k0..k1 of weight g [C_out C_in, 2, 2].
 template <typename T>
 PYZSL_INLINE void weight_transform(const T* __restrict g, T* __restrict u, int64_t plane, int64_t k0,
-                                         int64_t k1) {
+                                   int64_t k1) {
 #pragma GCC ivdep
   for (int64_t k = k0; k < k1; ++k) spread_2x2(g[4 * k], g[4 * k + 1], g[4 * k + 2], g[4 * k + 3], u + k, plane);
 }
@@ -245,7 +245,7 @@ PYZSL_INLINE void weight_transform(const T* __restrict g, T* __restrict u, int64
 // dweight[k, a, b] = sum_pq G[p, a] G[q, b] dU[p, q][k]: G's transpose picks p in {a, a + 1} and q in {b, b + 1}.
 template <typename T>
 PYZSL_INLINE void weight_transform_backward(const T* __restrict du, T* __restrict g, int64_t plane, int64_t k0,
-                                                  int64_t k1) {
+                                            int64_t k1) {
 #pragma GCC ivdep
   for (int64_t k = k0; k < k1; ++k) {
     const T r00 = du[k] + du[3 * plane + k], r01 = du[plane + k] + du[4 * plane + k],
