@@ -374,9 +374,9 @@ void fill_tile(const scalar_t* scores, const int8_t* targets, const bool* row_ma
 #ifdef PYZSL_X86_SIMD
 // The same for float with AVX-512, keeping only the entries that take part: 16 columns per instruction, each
 // appended at its own run length (a masked scatter), so a mostly unannotated matrix leaves short runs to count.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void fill_tile_avx512(
-    const float* scores, const int8_t* targets, const bool* row_mask, int64_t L, int64_t n0, int64_t n1, int64_t j0,
-    int64_t width, int8_t max_negative, float* buffer, int64_t stride, int32_t* run) {
+PYZSL_AVX512 void fill_tile_avx512(const float* scores, const int8_t* targets, const bool* row_mask, int64_t L,
+                                   int64_t n0, int64_t n1, int64_t j0, int64_t width, int8_t max_negative,
+                                   float* buffer, int64_t stride, int32_t* run) {
   const __m128i max_neg = _mm_set1_epi8(max_negative);
   const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32(static_cast<int32_t>(stride)));
@@ -397,9 +397,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void fill_tile_avx
     }
   }
 }
-#endif
 
-#ifdef PYZSL_X86_SIMD
 // r[i] becomes the i-th column of the 16 x 16 block r: 32-bit, 64-bit, then two 128-bit interleaves.
 PYZSL_AVX512 inline void transpose16(__m512 r[16]) {
   // Zero-masked forms with every lane kept, as in classify16.
