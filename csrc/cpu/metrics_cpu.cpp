@@ -33,7 +33,12 @@
 #include <cstring>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "../checks.h"
 
@@ -62,6 +67,7 @@ constexpr int64_t kGatherBatch = 256;    // positives whose scores are prefetche
 constexpr int64_t kMaxBins = 1 << 16;
 constexpr int64_t kBinsPerPositive = 2;
 constexpr int64_t kTopkChunk = 32;
+constexpr int kLanes = 16;  // floats per AVX-512 vector
 
 // Exact comparisons need a type that holds every score value: float for half/bfloat16/float, double for double.
 template <typename scalar_t>
@@ -105,6 +111,11 @@ inline bool avx512_enabled() {
                               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                               std::getenv("PYZSL_NO_AVX512") == nullptr;
   return enabled;
+}
+
+// 0, 1, ..., 15.
+PYZSL_AVX512 inline __m512i lane_index() {
+  return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 }
 
 // find_ones with AVX-512: one comparison per 64 targets, then the set bits of its mask.
@@ -192,7 +203,9 @@ struct LabelTable {
   T last_bin = 0;
   std::vector<T> pos;         // ascending, then kInBinCompares +inf sentinels (branch-free reads past the end)
   std::vector<int32_t> bins;  // per bin: (#positives in lower bins) << 3 | min(#positives in the bin, 4)
-  std::vector<int32_t> count;  // count[m] = #other annotated entries in [lo, hi) with exactly m positives <= them
+  // count[m] = #other annotated entries in [lo, hi) with exactly m positives <= them, for m <= P; then kLanes
+  // slots that the AVX-512 loop increments for lanes outside [lo, hi), so that it needs no branch per lane.
+  std::vector<int32_t> count;
   int64_t above = 0;          // other annotated entries >= hi
   std::vector<int32_t> bin_of_positive, bin_end;  // scratch of build()
 
@@ -202,7 +215,7 @@ struct LabelTable {
     P = n;
     pos.resize(P + kInBinCompares);
     std::fill(pos.begin() + P, pos.end(), std::numeric_limits<T>::infinity());
-    count.assign(P + 1, 0);
+    count.assign(P + 1 + kLanes, 0);
     above = 0;
     lo = hi = std::numeric_limits<T>::infinity();
     if (P == 0) return;
@@ -297,19 +310,19 @@ void count_run(LabelTable<T>& table, const T* values, int64_t n) {
 
 // The AVX-512 form of LabelTable::add over 16 scores: bins (the same IEEE operations as bin_of: subtract, multiply,
 // max with 0, min, truncate, so every bin equals the scalar one the table was built with), gathered bin entries and
-// in-bin positives, and the comparisons. Writes the 16 buckets to `out` and returns the lanes in [lo, hi); adds the
-// lanes >= hi to `above`. A lane whose bin holds more than kInBinCompares positives (rare) finishes in scalar code.
-PYZSL_AVX512 inline __mmask16 classify16(const LabelTable<float>& table, const float* values, int64_t count,
-                                         int64_t& above, int32_t* out) {
+// in-bin positives, and the comparisons. Writes the 16 buckets to `out`, lane i outside [lo, hi) getting the spare
+// slot P + 1 + i; adds the lanes >= hi to `above`. A lane whose bin holds more than kInBinCompares positives (rare)
+// finishes in scalar code.
+PYZSL_AVX512 inline void classify16(const LabelTable<float>& table, const float* values, int64_t count,
+                                    int64_t& above, int32_t* out) {
   const __m512 zero = _mm512_setzero_ps();
   const __m512i one = _mm512_set1_epi32(1);
-  const __mmask16 lanes = count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+  const __mmask16 lanes = count >= 16 ? __mmask16(0xFFFF) : count <= 0 ? __mmask16(0) : __mmask16((1u << count) - 1);
   const __m512 v = _mm512_maskz_loadu_ps(lanes, values);
   const __mmask16 at_least_lo = _mm512_mask_cmp_ps_mask(lanes, v, _mm512_set1_ps(table.lo), _CMP_GE_OQ);
   const __mmask16 at_least_hi = _mm512_mask_cmp_ps_mask(lanes, v, _mm512_set1_ps(table.hi), _CMP_GE_OQ);
   above += __builtin_popcount(at_least_hi);
   const __mmask16 inside = at_least_lo & ~at_least_hi;
-  if (inside == 0) return 0;
   // MAXPS returns its second operand when the first is NaN, as std::max(0, NaN) returns 0.
   const __m512 scaled = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_set1_ps(table.lo)), _mm512_set1_ps(table.scale));
   // (Zero-masked forms with every lane kept: the plain intrinsics pass an undefined vector that GCC 12 warns about.)
@@ -328,26 +341,28 @@ PYZSL_AVX512 inline __mmask16 classify16(const LabelTable<float>& table, const f
     g = _mm512_mask_add_epi32(g, _mm512_mask_cmp_ps_mask(has, p, v, _CMP_LE_OQ), g, one);
     has = _mm512_mask_cmpge_epi32_mask(has, in_bin, _mm512_set1_epi32(k + 2));
   }
-  _mm512_store_si512(out, g);
+  const __m512i spare = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(table.P + 1)), lane_index());
+  _mm512_store_si512(out, _mm512_mask_mov_epi32(spare, inside, g));
   uint32_t more = _mm512_mask_cmpgt_epi32_mask(inside, in_bin, _mm512_set1_epi32(kInBinCompares));
   while (more != 0) {
     const int i = __builtin_ctz(more);
     more &= more - 1;
     while (pos[out[i]] <= values[i]) ++out[i];
   }
-  return inside;
 }
 
-// count_run with AVX-512: two vectors of 16 scores per step, so that the gathers of one overlap those of the other;
-// the bucket increments are scalar (lanes often share a bucket).
+// count_run with AVX-512: two vectors of 16 scores per step, so that the gathers of one overlap those of the other.
+// The 32 bucket increments are scalar (lanes often share a bucket) and unconditional: lanes outside [lo, hi) land
+// in spare slots, which costs less than a loop over the lanes inside, whose length the branch predictor cannot
+// guess (AP at the GZSL size 0.26 -> 0.24 s).
 PYZSL_AVX512 void count_run_avx512(LabelTable<float>& table, const float* values, int64_t n) {
   int64_t above = 0;
-  alignas(64) int32_t bucket[32];
+  alignas(64) int32_t bucket[2 * kLanes];
   int32_t* count = table.count.data();
-  for (int64_t i0 = 0; i0 < n; i0 += 32) {
-    uint32_t inside = classify16(table, values + i0, n - i0, above, bucket);
-    if (n - i0 > 16) inside |= uint32_t(classify16(table, values + i0 + 16, n - i0 - 16, above, bucket + 16)) << 16;
-    for (uint32_t m = inside; m != 0; m &= m - 1) ++count[bucket[__builtin_ctz(m)]];
+  for (int64_t i0 = 0; i0 < n; i0 += 2 * kLanes) {
+    classify16(table, values + i0, n - i0, above, bucket);
+    classify16(table, values + i0 + kLanes, n - i0 - kLanes, above, bucket + kLanes);
+    for (int i = 0; i < 2 * kLanes; ++i) ++count[bucket[i]];
   }
   table.above += above;
 }
@@ -378,8 +393,7 @@ PYZSL_AVX512 void fill_tile_avx512(const float* scores, const int8_t* targets, c
                                    int64_t n0, int64_t n1, int64_t j0, int64_t width, int8_t max_negative,
                                    float* buffer, int64_t stride, int32_t* run) {
   const __m128i max_neg = _mm_set1_epi8(max_negative);
-  const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32(static_cast<int32_t>(stride)));
+  const __m512i column = _mm512_mullo_epi32(lane_index(), _mm512_set1_epi32(static_cast<int32_t>(stride)));
   const __m512i one = _mm512_set1_epi32(1);
   std::fill(run, run + width, 0);
   for (int64_t n = n0; n < n1; ++n) {
@@ -465,6 +479,30 @@ PYZSL_AVX512 void fill_tile_dense_avx512(const float* scores, const int8_t* targ
 }
 #endif
 
+// A thread's tile buffer: uninitialised (the tile copy writes every slot that is read) and 2 MiB-aligned, so that
+// Linux may back it with huge pages. The copy writes 16 columns at once, each in another 4 KiB page; huge pages
+// spare those TLB misses (AP at the GZSL size 0.255 -> 0.240 s).
+template <typename T>
+class TileBuffer {
+ public:
+  explicit TileBuffer(int64_t n) {
+    constexpr size_t kHugePage = size_t{1} << 21;
+    const size_t bytes = (static_cast<size_t>(n) * sizeof(T) + kHugePage - 1) / kHugePage * kHugePage;
+    data_.reset(static_cast<T*>(std::aligned_alloc(kHugePage, bytes)));
+    TORCH_CHECK(data_ != nullptr, "multilabel_ap: could not allocate a tile buffer of ", bytes, " bytes");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(data_.get(), bytes, MADV_HUGEPAGE);  // a hint: without huge pages the buffer works the same
+#endif
+  }
+  T* data() const { return data_.get(); }
+
+ private:
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> data_;
+};
+
 // Whether most entries take part in AP (target <= max_negative), judged on up to 256 evenly spaced rows: then the
 // tile copy gives every row a slot (a transpose), else it keeps only the entries that take part.
 inline bool mostly_annotated(const int8_t* targets, int64_t N, int64_t L, int8_t max_negative) {
@@ -500,7 +538,7 @@ void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_ma
     const int64_t tile_rows = dense ? std::clamp<int64_t>(kDenseTileElements / span, kMinTileRows, kDenseMaxTileRows)
                                     : std::clamp<int64_t>(kTileElements / span, kMinTileRows, kMaxTileRows);
     const int64_t stride = tile_rows + 16;  // not a power of two, so that columns do not share cache sets
-    std::vector<T> buffer(span * stride);
+    TileBuffer<T> buffer(span * stride);
     std::vector<LabelTable<T>> tables(span);
     std::vector<int32_t> run(span);  // per column of the tile: how many of its buffer slots are filled
     for (int64_t s = span_begin; s < span_end; ++s) {
@@ -635,7 +673,7 @@ struct TopKRegisters {
     const int place = __builtin_popcount(_mm512_mask_cmp_ps_mask(__mmask16((1u << filled) - 1), best, value,
                                                                  _CMP_GE_OQ));
     if (place >= kept) return;
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i lane = lane_index();
     const __mmask16 at = __mmask16(1u << place);
     const __m512i from = _mm512_mask_sub_epi32(lane, __mmask16(~0u << (place + 1)), lane, _mm512_set1_epi32(1));
     best = _mm512_mask_mov_ps(_mm512_maskz_permutexvar_ps(0xFFFF, from, best), at, value);
