@@ -20,7 +20,8 @@
 //
 // multilabel_topk_hits keeps, per row, a sorted buffer of the k best (score, index) pairs in one pass, skipping
 // whole chunks of the row that cannot beat the current k-th best. With AVX-512 and k <= 16 the buffer is a pair of
-// registers and an insertion is a permute (GZSL size, k = 5: 0.046 -> 0.040 s).
+// registers and an insertion is a permute (GZSL size, k = 5: 0.046 -> 0.040 s), and a first pass over the row
+// bounds the k-th best by the 16 lane maxima, so that the scan offers only the few entries above it (-> 0.030 s).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -654,18 +655,13 @@ void topk_row(const scalar_t* s, int64_t L, TopKBuffer<T>& top) {
 
 #ifdef PYZSL_X86_SIMD
 // The k <= 16 best of a row in registers, for float rows with AVX-512: scores best first in `best`, their indices
-// in `index`; the same interface as TopKBuffer.
+// in `index`; offered as TopKBuffer is (increasing index order).
 struct TopKRegisters {
   __m512 best;
   __m512i index;
   int64_t kept, filled = 0;
   PYZSL_AVX512 explicit TopKRegisters(int64_t k)
       : best(_mm512_set1_ps(-std::numeric_limits<float>::infinity())), index(_mm512_setzero_si512()), kept(k) {}
-  bool full() const { return filled == kept; }
-  PYZSL_AVX512 float kth() const {
-    return _mm512_cvtss_f32(_mm512_maskz_permutexvar_ps(0xFFFF, _mm512_set1_epi32(int32_t(kept - 1)), best));
-  }
-
   // An offered score's place is the number of kept scores >= it (equal ones keep their lower index first); the
   // kept lanes from that place on move one lane up by a permute, so no branch depends on the place.
   PYZSL_AVX512 void offer(float v, int64_t j) {
@@ -691,10 +687,9 @@ struct TopKRegisters {
 };
 
 static_assert(kTopkChunk == 32, "topk_row_avx512 reads a chunk as two vectors of 16");
-// topk_row for a float row with AVX-512 (into a TopKBuffer, or TopKRegisters when k <= 16 and L < 2^31): the same
-// scan, with the chunk comparison inline.
-template <typename Top>
-PYZSL_AVX512 void topk_row_avx512(const float* s, int64_t L, Top& top) {
+// topk_row for a float row with AVX-512 (into a TopKBuffer when k > 16): the same scan, with the chunk comparison
+// inline.
+PYZSL_AVX512 void topk_row_avx512(const float* s, int64_t L, TopKBuffer<float>& top) {
   int64_t j = 0;
   for (; j < L && !top.full(); ++j) top.offer(s[j], j);
   __m512 threshold = _mm512_set1_ps(top.kth());
@@ -709,6 +704,41 @@ PYZSL_AVX512 void topk_row_avx512(const float* s, int64_t L, Top& top) {
     threshold = _mm512_set1_ps(top.kth());
   }
   for (; j < L; ++j) top.offer(s[j], j);
+}
+
+// The k-th largest (k <= 16) of a float row's 16 lane maxima (lane i: entries i, i + 16, ...; NaN ignored). Those
+// maxima are 16 distinct entries, so at least k entries are >= it and none below it can be among the k best.
+PYZSL_AVX512 float lane_maxima_bound(const float* s, int64_t L, int64_t k) {
+  __m512 maxima = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < L; j += kLanes) {
+    const __mmask16 lanes = L - j >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << (L - j)) - 1);
+    // MAXPS returns its second operand when either is NaN: the running maxima stay numbers.
+    maxima = _mm512_mask_max_ps(maxima, lanes, _mm512_maskz_loadu_ps(lanes, s + j), maxima);
+  }
+  alignas(64) float m[kLanes];
+  _mm512_store_ps(m, maxima);
+  std::nth_element(m, m + k - 1, m + kLanes, std::greater<float>());
+  return m[k - 1];
+}
+
+// topk_row_avx512 for k <= 16 in two passes: the lane maxima give a bound on the k-th best first, so the scan offers
+// only the few entries >= it, in index order, instead of raising its threshold entry by entry from the row's start
+// (top-K at the GZSL size, k = 5: 0.042 -> 0.030 s). The row is in L1 for the second pass.
+PYZSL_AVX512 void topk_row_bounded_avx512(const float* s, int64_t L, int64_t k, TopKRegisters& top) {
+  const float bound = lane_maxima_bound(s, L, k);
+  const __m512 bound16 = _mm512_set1_ps(bound);
+  int64_t j = 0;
+  for (; j + kTopkChunk <= L; j += kTopkChunk) {
+    const uint32_t high = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + j + kLanes), bound16, _CMP_GE_OQ);
+    uint32_t at_least = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + j), bound16, _CMP_GE_OQ) | (high << kLanes);
+    for (; at_least != 0; at_least &= at_least - 1) {
+      const int64_t i = j + __builtin_ctz(at_least);
+      top.offer(s[i], i);
+    }
+  }
+  for (; j < L; ++j) {
+    if (s[j] >= bound) top.offer(s[j], j);
+  }
 }
 #endif
 
@@ -731,7 +761,7 @@ void topk_kernel(const scalar_t* scores, const int8_t* targets, int64_t N, int64
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (use_avx512 && kept <= 16 && L <= std::numeric_limits<int32_t>::max()) {
           TopKRegisters registers(kept);
-          topk_row_avx512(s, L, registers);
+          topk_row_bounded_avx512(s, L, kept, registers);
           registers.copy_indices_to(top);
         } else if (use_avx512) {
           topk_row_avx512(s, L, top);
