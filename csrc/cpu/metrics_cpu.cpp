@@ -443,7 +443,9 @@ PYZSL_AVX512 inline void transpose16(__m512 r[16]) {
 }
 
 // fill_tile for a densely annotated matrix with AVX-512: every kept row gets a slot in every column (an entry that
-// takes no part is NaN, as in fill_tile), so the copy is a transpose of 16 x 16 blocks instead of scatters.
+// takes no part is NaN, as in fill_tile), so the copy is a transpose of 16 x 16 blocks instead of scatters. The tile
+// is far larger than the caches, so whole lines are written with streaming stores, which skip reading each line
+// before writing it (AP at the GZSL size 0.246 -> 0.223 s); `buffer` and `stride` keep every line aligned.
 PYZSL_AVX512 void fill_tile_dense_avx512(const float* scores, const int8_t* targets, const bool* row_mask, int64_t L,
                                          int64_t n0, int64_t n1, int64_t j0, int64_t width, int8_t max_negative,
                                          float* buffer, int64_t stride, int32_t* run) {
@@ -472,10 +474,16 @@ PYZSL_AVX512 void fill_tile_dense_avx512(const float* scores, const int8_t* targ
       }
       transpose16(block);
       for (int64_t c = 0; c < std::min<int64_t>(16, width - b); ++c) {
-        _mm512_mask_storeu_ps(buffer + (b + c) * stride + r0, filled, block[c]);
+        float* const line = buffer + (b + c) * stride + r0;
+        if (height == kLanes) {
+          _mm512_stream_ps(line, block[c]);
+        } else {
+          _mm512_mask_storeu_ps(line, filled, block[c]);
+        }
       }
     }
   }
+  _mm_sfence();  // the streaming stores are weakly ordered: complete them before the buffer is read
   std::fill(run, run + width, static_cast<int32_t>(kept));
 }
 #endif
@@ -536,9 +544,12 @@ void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_ma
   const int64_t span = std::max<int64_t>(kMinLabelSpan, (L + threads - 1) / threads);
   const int64_t num_spans = (L + span - 1) / span;
   at::parallel_for(0, num_spans, 1, [&](int64_t span_begin, int64_t span_end) {
-    const int64_t tile_rows = dense ? std::clamp<int64_t>(kDenseTileElements / span, kMinTileRows, kDenseMaxTileRows)
-                                    : std::clamp<int64_t>(kTileElements / span, kMinTileRows, kMaxTileRows);
-    const int64_t stride = tile_rows + 16;  // not a power of two, so that columns do not share cache sets
+    const int64_t tile_rows =
+        (dense ? std::clamp<int64_t>(kDenseTileElements / span, kMinTileRows, kDenseMaxTileRows)
+               : std::clamp<int64_t>(kTileElements / span, kMinTileRows, kMaxTileRows)) / kLanes * kLanes;
+    // Not a power of two, so that columns do not share cache sets; a multiple of 16, so that every column starts
+    // on a cache line (the dense copy's streaming stores need whole aligned lines).
+    const int64_t stride = tile_rows + kLanes;
     TileBuffer<T> buffer(span * stride);
     std::vector<LabelTable<T>> tables(span);
     std::vector<int32_t> run(span);  // per column of the tile: how many of its buffer slots are filled
