@@ -41,6 +41,11 @@ TORCH_LIBRARY(pyzsl, m) {
   // hits[i, r] = whether the r-th highest-scoring label of row i (ties: lower label index first) is positive;
   // row_positives[i] = number of positive labels of row i.
   m.def("multilabel_topk_hits(Tensor scores, Tensor targets, int k) -> (Tensor hits, Tensor row_positives)");
+  // The same, and inputs_valid (a bool scalar): whether every score is finite and every target in {-1, 0, 1}. CPU
+  // only: the evaluation checks its inputs in the top-K pass instead of reading them twice more.
+  m.def(
+      "multilabel_topk_hits_checked(Tensor scores, Tensor targets, int k) "
+      "-> (Tensor hits, Tensor row_positives, Tensor inputs_valid)");
   // LESA's ranking loss: mean over images of sum over (positive p, negative n) pairs of max(0, margin + s_n - s_p),
   // divided by the image's number of violating pairs (+1e-8); unannotated (0) entries take no part.
   m.def("lesa_rank_loss(Tensor scores, Tensor targets, float margin) -> Tensor");

@@ -447,7 +447,8 @@ def test_cpp_ops_infinite_scores_in_subprocess():
 
 @needs_cpp
 def test_cpp_ap_portable_path_in_subprocess():
-    """PYZSL_NO_AVX512=1 makes the AP and top-K kernels take their portable loops; they must agree with the reference."""
+    """PYZSL_NO_AVX512=1 makes the AP and top-K kernels take their portable loops; they must agree with the reference
+    (and the top-K's value check must still flag a non-finite score and a bad target)."""
     code = textwrap.dedent("""
         import torch
         import pyzsl.metrics
@@ -468,6 +469,12 @@ def test_cpp_ap_portable_path_in_subprocess():
                     hits, row_positives = torch.ops.pyzsl.multilabel_topk_hits(scores, targets, k)
                     ref_hits, ref_row_positives = _reference.multilabel_topk_hits(scores, targets, k)
                     assert torch.equal(hits, ref_hits) and torch.equal(row_positives, ref_row_positives), (seed, k)
+                    checked = torch.ops.pyzsl.multilabel_topk_hits_checked(scores, targets, k)
+                    assert torch.equal(checked[0], hits) and bool(checked[2]), (seed, k)
+                bad_scores, bad_targets = scores.clone(), targets.clone()
+                bad_scores[-1, -1], bad_targets[0, -1] = float("inf"), 3
+                assert not bool(torch.ops.pyzsl.multilabel_topk_hits_checked(bad_scores, targets, 2)[2])
+                assert not bool(torch.ops.pyzsl.multilabel_topk_hits_checked(scores, bad_targets, 2)[2])
         print("ok")
     """)
     run_isolated(code, env={"PYZSL_NO_AVX512": "1"})
@@ -626,6 +633,52 @@ def test_opcheck(requires_grad):
             torch.library.opcheck(torch.ops.pyzsl.multilabel_ap.default, args)
         for k in (1, 3, 7):
             torch.library.opcheck(torch.ops.pyzsl.multilabel_topk_hits.default, (scores, targets, k))
+            torch.library.opcheck(torch.ops.pyzsl.multilabel_topk_hits_checked.default, (scores, targets, k))
+
+
+# ------------------------------------------------------------------------------------ values checked in the top-K
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (40, 1006), (3, 64), (5, 65)])
+def test_cpp_checked_topk_flags_exactly_the_bad_inputs(dtype, shape):
+    # multilabel_evaluation leaves the value checks to multilabel_topk_hits_checked: its hits must be those of
+    # multilabel_topk_hits, and inputs_valid false for one NaN or inf anywhere (unannotated entries included) or one
+    # target outside {-1, 0, 1}, at the first, the last and a middle position of rows of awkward lengths.
+    N, L = shape
+    scores, targets = make_inputs(N, L, seed=N + L, dtype=dtype)
+    for k in (1, 5, 17):
+        hits, row_positives, valid = torch.ops.pyzsl.multilabel_topk_hits_checked(scores, targets, k)
+        want_hits, want_positives = torch.ops.pyzsl.multilabel_topk_hits(scores, targets, k)
+        assert torch.equal(hits, want_hits) and torch.equal(row_positives, want_positives) and bool(valid)
+    for n, j in {(0, 0), (N - 1, L - 1), (N // 2, L // 2)}:
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            s = scores.clone()
+            s[n, j] = bad
+            assert not bool(torch.ops.pyzsl.multilabel_topk_hits_checked(s, targets, 3)[2]), (n, j, bad)
+        for bad in (2, -2, 127, -128):
+            t = targets.clone()
+            t[n, j] = bad
+            assert not bool(torch.ops.pyzsl.multilabel_topk_hits_checked(scores, t, 3)[2]), (n, j, bad)
+    huge = torch.full((2, 3), torch.finfo(dtype).max, dtype=dtype)  # finite, however large
+    assert bool(torch.ops.pyzsl.multilabel_topk_hits_checked(huge, torch.ones(2, 3, dtype=torch.int8), 2)[2])
+
+
+def test_evaluation_names_bad_values_found_in_the_topk_pass():
+    # The fast path (cpp backend, int8 targets): the same messages as the Python checks, for an unannotated NaN too.
+    scores, targets = make_inputs(6, 9, seed=23, dtype=torch.float32)
+    unannotated = (targets == 0).nonzero()[0].tolist()
+    bad = scores.clone()
+    bad[tuple(unannotated)] = float("nan")
+    with _raises(f"multilabel_evaluation: scores must be finite, found 1 NaN/inf value(s); the first is nan at index "
+                 f"{unannotated}"):
+        multilabel_evaluation(bad, targets)
+    two = targets.clone()
+    two[5, 8] = 2
+    with _raises("multilabel_evaluation: targets must take values in [-1, 0, 1], found 1 other value(s); the first "
+                 "is 2 at index [5, 8]"):
+        multilabel_evaluation(scores, two)
+    assert multilabel_evaluation(scores, targets, ks=()) == {"mAP": multilabel_evaluation(scores, targets)["mAP"]}
 
 
 # ---------------------------------------------------------------------------------------------------- input errors

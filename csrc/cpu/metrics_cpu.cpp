@@ -25,10 +25,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -753,9 +755,45 @@ PYZSL_AVX512 void topk_row_bounded_avx512(const float* s, int64_t L, int64_t k, 
 }
 #endif
 
+// Whether a row holds only finite scores and targets in {-1, 0, 1}: one pass over the row the top-K scan just
+// read (in L1), written so that the compiler vectorizes it (x - x is 0 for a finite x, NaN for NaN and inf; a
+// target t is valid when t + 1, as a byte, is at most 2).
+template <typename scalar_t>
+bool row_is_valid(const scalar_t* s, const int8_t* t, int64_t L) {
+  using T = compare_t<scalar_t>;
+  int32_t bad = 0;
+  for (int64_t j = 0; j < L; ++j) {
+    const T x = static_cast<T>(s[j]);
+    bad |= static_cast<int32_t>(!((x - x) == T(0)));
+    bad |= static_cast<int32_t>(static_cast<uint8_t>(t[j] + 1) > 2);
+  }
+  return bad == 0;
+}
+
+#ifdef PYZSL_X86_SIMD
+// row_is_valid for a float row with AVX-512: 16 scores (a class test for NaN and inf) or 64 targets per instruction.
+PYZSL_AVX512 bool row_is_valid_avx512(const float* s, const int8_t* t, int64_t L) {
+  constexpr int kNaNOrInf = 0x01 | 0x08 | 0x10 | 0x80;  // quiet NaN, +inf, -inf, signalling NaN
+  __mmask16 nonfinite = 0;
+  for (int64_t j = 0; j < L; j += kLanes) {
+    const __mmask16 lanes = L - j >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << (L - j)) - 1);
+    nonfinite |= _mm512_mask_fpclass_ps_mask(lanes, _mm512_maskz_loadu_ps(lanes, s + j), kNaNOrInf);
+  }
+  __mmask64 outside = 0;
+  for (int64_t j = 0; j < L; j += 64) {
+    const __mmask64 lanes = L - j >= 64 ? ~__mmask64(0) : (__mmask64(1) << (L - j)) - 1;
+    const __m512i shifted = _mm512_add_epi8(_mm512_maskz_loadu_epi8(lanes, t + j), _mm512_set1_epi8(1));
+    outside |= _mm512_mask_cmpgt_epu8_mask(lanes, shifted, _mm512_set1_epi8(2));
+  }
+  return nonfinite == 0 && outside == 0;
+}
+#endif
+
+// With check_inputs, *inputs_valid becomes whether every score is finite and every target in {-1, 0, 1}.
 template <typename scalar_t>
 void topk_kernel(const scalar_t* scores, const int8_t* targets, int64_t N, int64_t L, int64_t k, bool* hits,
-                 int64_t* row_positives) {
+                 int64_t* row_positives, bool check_inputs, bool* inputs_valid) {
+  std::atomic<bool> valid{true};
   using T = compare_t<scalar_t>;
   const int64_t kept = std::min(k, L);
 #ifdef PYZSL_X86_SIMD
@@ -789,25 +827,51 @@ void topk_kernel(const scalar_t* scores, const int8_t* targets, int64_t N, int64
       int64_t positives = 0;
       for (int64_t j = 0; j < L; ++j) positives += t[j] == 1;
       row_positives[n] = positives;
+      if (check_inputs) {
+        bool row_valid;
+#ifdef PYZSL_X86_SIMD
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          row_valid = use_avx512 ? row_is_valid_avx512(s, t, L) : row_is_valid(s, t, L);
+        } else
+#endif
+        {
+          row_valid = row_is_valid(s, t, L);
+        }
+        if (!row_valid) valid.store(false, std::memory_order_relaxed);
+      }
     }
   });
+  if (inputs_valid != nullptr) *inputs_valid = valid.load();
 }
 
-std::tuple<at::Tensor, at::Tensor> multilabel_topk_hits_cpu(const at::Tensor& scores_in,
-                                                            const at::Tensor& targets_in, int64_t k) {
-  check_scores_targets(scores_in, targets_in, "multilabel_topk_hits");
-  TORCH_CHECK_VALUE(k >= 1, "multilabel_topk_hits: k must be >= 1, got ", k);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_hits_cpu(const at::Tensor& scores_in, const at::Tensor& targets_in,
+                                                             int64_t k, bool check_inputs, const char* op) {
+  check_scores_targets(scores_in, targets_in, op);
+  TORCH_CHECK_VALUE(k >= 1, op, ": k must be >= 1, got ", k);
   const auto scores = scores_in.contiguous();
   const auto targets = targets_in.contiguous();
   const int64_t N = scores.size(0), L = scores.size(1);
   auto hits = at::zeros({N, k}, scores.options().dtype(at::kBool));
   auto row_positives = at::zeros({N}, scores.options().dtype(at::kLong));
-  if (N == 0 || L == 0) return {hits, row_positives};
+  auto inputs_valid = at::ones({}, scores.options().dtype(at::kBool));
+  if (N == 0 || L == 0) return {hits, row_positives, inputs_valid};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "multilabel_topk_hits_cpu", [&] {
     topk_kernel<scalar_t>(scores.const_data_ptr<scalar_t>(), targets.const_data_ptr<int8_t>(), N, L, k,
-                          hits.mutable_data_ptr<bool>(), row_positives.mutable_data_ptr<int64_t>());
+                          hits.mutable_data_ptr<bool>(), row_positives.mutable_data_ptr<int64_t>(), check_inputs,
+                          inputs_valid.mutable_data_ptr<bool>());
   });
+  return {hits, row_positives, inputs_valid};
+}
+
+std::tuple<at::Tensor, at::Tensor> multilabel_topk_hits_cpu(const at::Tensor& scores, const at::Tensor& targets,
+                                                            int64_t k) {
+  auto [hits, row_positives, inputs_valid] = topk_hits_cpu(scores, targets, k, false, "multilabel_topk_hits");
   return {hits, row_positives};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multilabel_topk_hits_checked_cpu(const at::Tensor& scores,
+                                                                                const at::Tensor& targets, int64_t k) {
+  return topk_hits_cpu(scores, targets, k, true, "multilabel_topk_hits_checked");
 }
 
 }  // namespace
@@ -815,6 +879,7 @@ std::tuple<at::Tensor, at::Tensor> multilabel_topk_hits_cpu(const at::Tensor& sc
 TORCH_LIBRARY_IMPL(pyzsl, CPU, m) {
   m.impl("multilabel_ap", &multilabel_ap_cpu);
   m.impl("multilabel_topk_hits", &multilabel_topk_hits_cpu);
+  m.impl("multilabel_topk_hits_checked", &multilabel_topk_hits_checked_cpu);
 }
 
 }  // namespace pyzsl

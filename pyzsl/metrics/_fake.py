@@ -19,3 +19,8 @@ if cpp_built():
         torch._check(k >= 1, lambda: f"k must be >= 1, got {k}")
         N = scores.shape[0]
         return scores.new_empty(N, k, dtype=torch.bool), scores.new_empty(N, dtype=torch.int64)
+
+    @torch.library.register_fake("pyzsl::multilabel_topk_hits_checked")
+    def _multilabel_topk_hits_checked_fake(scores, targets, k):
+        hits, row_positives = _multilabel_topk_hits_fake(scores, targets, k)
+        return hits, row_positives, scores.new_empty((), dtype=torch.bool)

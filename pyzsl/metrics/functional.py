@@ -68,6 +68,13 @@ def _protocol(protocol: str, op: str) -> Protocol:
 
 def _check_multilabel(scores, targets, op: str) -> Tuple[Tensor, Tensor]:
     """Validates the pair and returns (scores, targets as int8)."""
+    _check_pair(scores, targets, op)
+    _check_values(scores, targets, op)
+    return scores.detach(), targets if targets.dtype == torch.int8 else targets.to(torch.int8)
+
+
+def _check_pair(scores, targets, op: str) -> None:
+    """Types, shapes and devices: every check but the values'."""
     check_tensor(scores, "scores", op)
     check_tensor(targets, "targets", op)
     if scores.dim() != 2:
@@ -78,9 +85,12 @@ def _check_multilabel(scores, targets, op: str) -> Tuple[Tensor, Tensor]:
         raise ValueError(f"{op}: targets must have the shape of scores {list(scores.shape)}, got "
                          f"{list(targets.shape)}")
     check_same_device(targets, scores, "targets", "scores", op)
+
+
+def _check_values(scores: Tensor, targets: Tensor, op: str) -> None:
+    """Targets in {-1, 0, 1} and finite scores; the error names the count and the first offending entry."""
     check_values_in(targets, (-1, 0, 1), "targets", op)
     check_finite(scores, "scores", op)
-    return scores.detach(), targets if targets.dtype == torch.int8 else targets.to(torch.int8)
 
 
 def _kernels(backend: str):
@@ -176,16 +186,32 @@ def multilabel_evaluation(
     op = "multilabel_evaluation"
     proto = _protocol(protocol, op)
     ks = [check_positive_int(k, "ks", op) for k in ks]
-    scores, targets = _check_multilabel(scores, targets, op)
-    return _evaluate(scores, targets, ks, proto, resolve_backend(backend, scores.device, op))
+    _check_pair(scores, targets, op)
+    backend = resolve_backend(backend, scores.device, op)
+    # The C++ CPU top-K checks the values as it reads them, which spares two reads of the inputs (GZSL size: 0.018
+    # s of 0.28). Other targets than int8 are checked first all the same: casting them could wrap a bad value.
+    check_in_topk = bool(ks) and backend == "cpp" and scores.device.type == "cpu" and targets.dtype == torch.int8
+    if not check_in_topk:
+        _check_values(scores, targets, op)
+    targets = targets if targets.dtype == torch.int8 else targets.to(torch.int8)
+    return _evaluate(scores.detach(), targets, ks, proto, backend, op if check_in_topk else None)
 
 
-def _evaluate(scores: Tensor, targets: Tensor, ks: Sequence[int], proto: Protocol, backend: str) -> Dict[str, float]:
-    """multilabel_evaluation on inputs already validated (int8 targets) and a resolved backend."""
+def _evaluate(scores: Tensor, targets: Tensor, ks: Sequence[int], proto: Protocol, backend: str,
+              check_values_for: Optional[str] = None) -> Dict[str, float]:
+    """multilabel_evaluation on int8 targets and a resolved backend. The inputs' values are checked already, unless
+    ``check_values_for`` names the calling op: then the C++ CPU top-K checks them (ks must not be empty)."""
     results: Dict[str, float] = {}
     row_positives = None
-    if ks:
+    if check_values_for is not None:
+        hits, row_positives, valid = torch.ops.pyzsl.multilabel_topk_hits_checked(scores, targets, max(ks))
+        if not bool(valid):
+            _check_values(scores, targets, check_values_for)  # raises, naming what is wrong and where
+            raise RuntimeError(f"{check_values_for}: the top-K kernel found a non-finite score or a target outside "
+                               "{-1, 0, 1} that the Python check did not; please report this")
+    elif ks:
         hits, row_positives = _kernels(backend)[1](scores, targets, max(ks))
+    if ks:
         keep = row_positives > 0 if proto.drop_images_without_positive else None
         for k in ks:
             topk = _topk_from_hits(hits, row_positives, k, keep)
