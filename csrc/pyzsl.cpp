@@ -41,11 +41,17 @@ TORCH_LIBRARY(pyzsl, m) {
   // hits[i, r] = whether the r-th highest-scoring label of row i (ties: lower label index first) is positive;
   // row_positives[i] = number of positive labels of row i.
   m.def("multilabel_topk_hits(Tensor scores, Tensor targets, int k) -> (Tensor hits, Tensor row_positives)");
-  // The same, and inputs_valid (a bool scalar): whether every score is finite and every target in {-1, 0, 1}. CPU
-  // only: the evaluation checks its inputs in the top-K pass instead of reading them twice more.
+  // CPU only, for the evaluation: one pass over the rows gives multilabel_topk_hits' outputs, inputs_valid (a bool
+  // scalar: every score finite and every target in {-1, 0, 1}) and each label's positive scores as a CSR over labels
+  // (float32, or float64 for float64 scores), so that the inputs are not read again to check them or to find the
+  // positives. multilabel_ap_given_positives is multilabel_ap with those positives (those of the rows row_mask
+  // keeps: all of them when row_mask drops only rows without positive).
   m.def(
-      "multilabel_topk_hits_checked(Tensor scores, Tensor targets, int k) "
-      "-> (Tensor hits, Tensor row_positives, Tensor inputs_valid)");
+      "multilabel_row_scan(Tensor scores, Tensor targets, int k) "
+      "-> (Tensor hits, Tensor row_positives, Tensor inputs_valid, Tensor positive_scores, Tensor positive_offsets)");
+  m.def(
+      "multilabel_ap_given_positives(Tensor scores, Tensor targets, Tensor? row_mask, bool unannotated_is_negative, "
+      "Tensor positive_scores, Tensor positive_offsets) -> (Tensor ap, Tensor num_positives)");
   // LESA's ranking loss: mean over images of sum over (positive p, negative n) pairs of max(0, margin + s_n - s_p),
   // divided by the image's number of violating pairs (+1e-8); unannotated (0) entries take no part.
   m.def("lesa_rank_loss(Tensor scores, Tensor targets, float margin) -> Tensor");

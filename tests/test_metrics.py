@@ -450,7 +450,7 @@ def test_cpp_ops_infinite_scores_in_subprocess():
 @needs_cpp
 def test_cpp_ap_portable_path_in_subprocess():
     """PYZSL_NO_AVX512=1 makes the AP and top-K kernels take their portable loops; they must agree with the reference
-    (and the top-K's value check must still flag a non-finite score and a bad target)."""
+    (and the row scan must still flag a non-finite score and a bad target, and give the AP's positives)."""
     code = textwrap.dedent("""
         import torch
         import pyzsl.metrics
@@ -471,12 +471,14 @@ def test_cpp_ap_portable_path_in_subprocess():
                     hits, row_positives = torch.ops.pyzsl.multilabel_topk_hits(scores, targets, k)
                     ref_hits, ref_row_positives = _reference.multilabel_topk_hits(scores, targets, k)
                     assert torch.equal(hits, ref_hits) and torch.equal(row_positives, ref_row_positives), (seed, k)
-                    checked = torch.ops.pyzsl.multilabel_topk_hits_checked(scores, targets, k)
-                    assert torch.equal(checked[0], hits) and bool(checked[2]), (seed, k)
+                    scan = torch.ops.pyzsl.multilabel_row_scan(scores, targets, k)
+                    assert torch.equal(scan[0], hits) and bool(scan[2]), (seed, k)
+                    ap = torch.ops.pyzsl.multilabel_ap_given_positives(scores, targets, None, False, *scan[3:])
+                    assert torch.equal(ap[0], torch.ops.pyzsl.multilabel_ap(scores, targets, None, False)[0])
                 bad_scores, bad_targets = scores.clone(), targets.clone()
                 bad_scores[-1, -1], bad_targets[0, -1] = float("inf"), 3
-                assert not bool(torch.ops.pyzsl.multilabel_topk_hits_checked(bad_scores, targets, 2)[2])
-                assert not bool(torch.ops.pyzsl.multilabel_topk_hits_checked(scores, bad_targets, 2)[2])
+                assert not bool(torch.ops.pyzsl.multilabel_row_scan(bad_scores, targets, 2)[2])
+                assert not bool(torch.ops.pyzsl.multilabel_row_scan(scores, bad_targets, 2)[2])
         print("ok")
     """)
     run_isolated(code, env={"PYZSL_NO_AVX512": "1"})
@@ -635,35 +637,80 @@ def test_opcheck(requires_grad):
             torch.library.opcheck(torch.ops.pyzsl.multilabel_ap.default, args)
         for k in (1, 3, 7):
             torch.library.opcheck(torch.ops.pyzsl.multilabel_topk_hits.default, (scores, targets, k))
-            torch.library.opcheck(torch.ops.pyzsl.multilabel_topk_hits_checked.default, (scores, targets, k))
+            # Detached: opcheck's autograd test sums the outputs into one value, which fails on this op's mix of
+            # integer and float outputs; the evaluation calls it on detached scores only.
+            torch.library.opcheck(torch.ops.pyzsl.multilabel_row_scan.default, (scores.detach(), targets, k))
+        positive_scores, positive_offsets = torch.ops.pyzsl.multilabel_row_scan(scores.detach(), targets, 1)[3:]
+        for mask in (None, row_mask):
+            args = (scores, targets, mask, False, positive_scores, positive_offsets)
+            torch.library.opcheck(torch.ops.pyzsl.multilabel_ap_given_positives.default, args)
 
 
-# ------------------------------------------------------------------------------------ values checked in the top-K
+# --------------------------------------------------------------------------------- the evaluation's one row scan
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
-@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (40, 1006), (3, 64), (5, 65)])
-def test_cpp_checked_topk_flags_exactly_the_bad_inputs(dtype, shape):
-    # multilabel_evaluation leaves the value checks to multilabel_topk_hits_checked: its hits must be those of
-    # multilabel_topk_hits, and inputs_valid false for one NaN or inf anywhere (unannotated entries included) or one
-    # target outside {-1, 0, 1}, at the first, the last and a middle position of rows of awkward lengths.
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (40, 1006), (3, 64), (5, 65), (4, 0), (0, 3)])
+def test_cpp_row_scan_matches_topk_and_flags_exactly_the_bad_inputs(dtype, shape):
+    # multilabel_evaluation on the cpp backend reads the rows once (multilabel_row_scan): its hits must be those of
+    # multilabel_topk_hits, its positives each label's positive scores (in the kernels' compare type), and
+    # inputs_valid false for one NaN or inf anywhere (unannotated entries included) or one target outside
+    # {-1, 0, 1}, at the first, the last and a middle position of rows of awkward lengths.
     N, L = shape
     scores, targets = make_inputs(N, L, seed=N + L, dtype=dtype)
+    compare = torch.float64 if dtype == torch.float64 else torch.float32
     for k in (1, 5, 17):
-        hits, row_positives, valid = torch.ops.pyzsl.multilabel_topk_hits_checked(scores, targets, k)
+        hits, row_positives, valid, positive_scores, offsets = torch.ops.pyzsl.multilabel_row_scan(scores, targets, k)
         want_hits, want_positives = torch.ops.pyzsl.multilabel_topk_hits(scores, targets, k)
         assert torch.equal(hits, want_hits) and torch.equal(row_positives, want_positives) and bool(valid)
-    for n, j in {(0, 0), (N - 1, L - 1), (N // 2, L // 2)}:
+        assert positive_scores.dtype == compare and offsets.tolist() == [0] + (targets == 1).sum(0).cumsum(0).tolist()
+        for j in range(L):
+            got = positive_scores[offsets[j]:offsets[j + 1]].sort().values
+            assert torch.equal(got, scores[:, j][targets[:, j] == 1].to(compare).sort().values), (k, j)
+    for n, j in {(0, 0), (N - 1, L - 1), (N // 2, L // 2)} if N and L else ():
         for bad in (float("nan"), float("inf"), float("-inf")):
             s = scores.clone()
             s[n, j] = bad
-            assert not bool(torch.ops.pyzsl.multilabel_topk_hits_checked(s, targets, 3)[2]), (n, j, bad)
+            assert not bool(torch.ops.pyzsl.multilabel_row_scan(s, targets, 3)[2]), (n, j, bad)
         for bad in (2, -2, 127, -128):
             t = targets.clone()
             t[n, j] = bad
-            assert not bool(torch.ops.pyzsl.multilabel_topk_hits_checked(scores, t, 3)[2]), (n, j, bad)
+            assert not bool(torch.ops.pyzsl.multilabel_row_scan(scores, t, 3)[2]), (n, j, bad)
     huge = torch.full((2, 3), torch.finfo(dtype).max, dtype=dtype)  # finite, however large
-    assert bool(torch.ops.pyzsl.multilabel_topk_hits_checked(huge, torch.ones(2, 3, dtype=torch.int8), 2)[2])
+    assert bool(torch.ops.pyzsl.multilabel_row_scan(huge, torch.ones(2, 3, dtype=torch.int8), 2)[2])
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpp_ap_given_positives_equals_ap(dtype):
+    # The AP from the row scan's positives is the AP op's, with every row or only the rows with a positive (the mask
+    # of the protocols that drop the others), under both rules for unannotated entries.
+    for seed, (N, L) in enumerate([(1, 1), (37, 13), (300, 70), (8192 + 5, 3)]):
+        scores, targets = make_inputs(N, L, seed=seed, dtype=dtype)
+        targets[0] = torch.where(targets[0] == 1, -1, targets[0])  # a row without positive
+        positives = torch.ops.pyzsl.multilabel_row_scan(scores, targets, 2)[3:]
+        for mask in (None, (targets == 1).any(1)):
+            for flag in (False, True):
+                got = torch.ops.pyzsl.multilabel_ap_given_positives(scores, targets, mask, flag, *positives)
+                want = torch.ops.pyzsl.multilabel_ap(scores, targets, mask, flag)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (seed, flag)
+
+
+@needs_cpp
+def test_cpp_ap_given_positives_rejects_bad_positives():
+    scores, targets = make_inputs(6, 4, seed=24, dtype=torch.float32)
+    ap_op = torch.ops.pyzsl.multilabel_ap_given_positives
+    positive_scores, positive_offsets = torch.ops.pyzsl.multilabel_row_scan(scores, targets, 2)[3:]
+    for bad_scores, bad_offsets, message in [
+            (positive_scores.double(), positive_offsets, "positive_scores must be 1-D Float, got Double"),
+            (positive_scores, positive_offsets[:-1], "positive_offsets must be 1-D int64 of size L + 1 = 5"),
+            (positive_scores[:-1], positive_offsets, "positive_offsets must run from 0 to")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ap_op(scores, targets, None, False, bad_scores, bad_offsets)
+    zigzag = positive_offsets.clone()
+    zigzag[1], zigzag[2] = int(positive_offsets[2]) + 1, int(positive_offsets[1])
+    with pytest.raises(ValueError, match="positive_offsets must be non-decreasing steps of at most N"):
+        ap_op(scores, targets, None, False, positive_scores, zigzag)
 
 
 def test_evaluation_names_bad_values_found_in_the_topk_pass():

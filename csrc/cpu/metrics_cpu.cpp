@@ -26,6 +26,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -529,11 +530,15 @@ inline bool mostly_annotated(const int8_t* targets, int64_t N, int64_t L, int8_t
   return 2 * taking > sample * L;
 }
 
-template <typename scalar_t>
+// `given_offsets` / `given_values`: the positives of the rows in row_mask as a CSR over labels, or null to gather them.
+template <typename scalar_t, typename T = compare_t<scalar_t>>
 void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_mask, int64_t N, int64_t L,
-               bool unannotated_is_negative, double* ap, int64_t* num_positives) {
-  using T = compare_t<scalar_t>;
-  const auto positives = gather_positives<scalar_t>(scores, targets, row_mask, N, L);
+               bool unannotated_is_negative, const int64_t* given_offsets, const T* given_values, double* ap,
+               int64_t* num_positives) {
+  PositivesByLabel<T> gathered;
+  if (given_offsets == nullptr) gathered = gather_positives<scalar_t>(scores, targets, row_mask, N, L);
+  const int64_t* offsets = given_offsets != nullptr ? given_offsets : gathered.offsets.data();
+  const T* values = given_offsets != nullptr ? given_values : gathered.values.data();
   // Entries with target <= this value are "other annotated": -1 always, 0 when unannotated counts as negative.
   const int8_t max_negative = unannotated_is_negative ? 0 : -1;
 #ifdef PYZSL_X86_SIMD
@@ -560,8 +565,7 @@ void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_ma
     for (int64_t s = span_begin; s < span_end; ++s) {
       const int64_t j0 = s * span, width = std::min(span, L - j0);
       for (int64_t b = 0; b < width; ++b) {
-        tables[b].build(positives.values.data() + positives.offsets[j0 + b],
-                        positives.offsets[j0 + b + 1] - positives.offsets[j0 + b]);
+        tables[b].build(values + offsets[j0 + b], offsets[j0 + b + 1] - offsets[j0 + b]);
       }
       for (int64_t n0 = 0; n0 < N; n0 += tile_rows) {
         const int64_t n1 = std::min(N, n0 + tile_rows);
@@ -603,28 +607,68 @@ void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_ma
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> multilabel_ap_cpu(const at::Tensor& scores_in, const at::Tensor& targets_in,
-                                                     const std::optional<at::Tensor>& row_mask_in,
-                                                     bool unannotated_is_negative) {
-  check_scores_targets(scores_in, targets_in, "multilabel_ap");
-  check_row_mask(row_mask_in, scores_in, "multilabel_ap");
+std::tuple<at::Tensor, at::Tensor> ap_cpu(const at::Tensor& scores_in, const at::Tensor& targets_in,
+                                          const std::optional<at::Tensor>& row_mask_in, bool unannotated_is_negative,
+                                          const at::Tensor* positive_scores, const at::Tensor* positive_offsets,
+                                          const char* op) {
+  check_scores_targets(scores_in, targets_in, op);
+  check_row_mask(row_mask_in, scores_in, op);
   const auto scores = scores_in.contiguous();
   const auto targets = targets_in.contiguous();
   std::optional<at::Tensor> row_mask;
   if (row_mask_in.has_value()) row_mask = row_mask_in->contiguous();
   const int64_t N = scores.size(0), L = scores.size(1);
   // Bucket counts are int32, and bin entries pack a count of positives (at most N) shifted left by 3 bits.
-  TORCH_CHECK_VALUE(N < (int64_t{1} << 28), "multilabel_ap: at most 2^28 rows per call, got ", N);
+  TORCH_CHECK_VALUE(N < (int64_t{1} << 28), op, ": at most 2^28 rows per call, got ", N);
+  at::Tensor values, offsets;
+  if (positive_scores != nullptr) {
+    const auto compare_type = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK_VALUE(positive_scores->dim() == 1 && positive_scores->scalar_type() == compare_type, op,
+                      ": positive_scores must be 1-D ", compare_type, ", got ", positive_scores->scalar_type(),
+                      " of shape ", positive_scores->sizes());
+    TORCH_CHECK_VALUE(positive_offsets->dim() == 1 && positive_offsets->scalar_type() == at::kLong &&
+                          positive_offsets->size(0) == L + 1,
+                      op, ": positive_offsets must be 1-D int64 of size L + 1 = ", L + 1, ", got ",
+                      positive_offsets->scalar_type(), " of shape ", positive_offsets->sizes());
+    values = positive_scores->contiguous();
+    offsets = positive_offsets->contiguous();
+    const int64_t* o = offsets.const_data_ptr<int64_t>();
+    TORCH_CHECK_VALUE(o[0] == 0 && o[L] == values.numel(), op, ": positive_offsets must run from 0 to ",
+                      values.numel(), " (the size of positive_scores), got ", o[0], " to ", o[L]);
+    for (int64_t j = 0; j < L; ++j) {
+      TORCH_CHECK_VALUE(o[j] <= o[j + 1] && o[j + 1] - o[j] <= N, op,
+                        ": positive_offsets must be non-decreasing steps of at most N, got ", o[j], " then ",
+                        o[j + 1], " at label ", j);
+    }
+  }
   auto ap = at::zeros({L}, scores.options().dtype(at::kDouble));
   auto num_positives = at::zeros({L}, scores.options().dtype(at::kLong));
   if (N == 0 || L == 0) return {ap, num_positives};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "multilabel_ap_cpu", [&] {
+    using T = compare_t<scalar_t>;
     ap_kernel<scalar_t>(scores.const_data_ptr<scalar_t>(), targets.const_data_ptr<int8_t>(),
                         row_mask.has_value() ? row_mask->const_data_ptr<bool>() : nullptr, N, L,
-                        unannotated_is_negative, ap.mutable_data_ptr<double>(),
+                        unannotated_is_negative, values.defined() ? offsets.const_data_ptr<int64_t>() : nullptr,
+                        values.defined() ? values.const_data_ptr<T>() : nullptr, ap.mutable_data_ptr<double>(),
                         num_positives.mutable_data_ptr<int64_t>());
   });
   return {ap, num_positives};
+}
+
+std::tuple<at::Tensor, at::Tensor> multilabel_ap_cpu(const at::Tensor& scores, const at::Tensor& targets,
+                                                     const std::optional<at::Tensor>& row_mask,
+                                                     bool unannotated_is_negative) {
+  return ap_cpu(scores, targets, row_mask, unannotated_is_negative, nullptr, nullptr, "multilabel_ap");
+}
+
+std::tuple<at::Tensor, at::Tensor> multilabel_ap_given_positives_cpu(const at::Tensor& scores,
+                                                                     const at::Tensor& targets,
+                                                                     const std::optional<at::Tensor>& row_mask,
+                                                                     bool unannotated_is_negative,
+                                                                     const at::Tensor& positive_scores,
+                                                                     const at::Tensor& positive_offsets) {
+  return ap_cpu(scores, targets, row_mask, unannotated_is_negative, &positive_scores, &positive_offsets,
+                "multilabel_ap_given_positives");
 }
 
 // The k best (score, index) pairs of a row so far, best first; ties keep the lower index first.
@@ -797,12 +841,49 @@ PYZSL_AVX512 bool row_is_valid_avx512(const float* s, const int8_t* t, int64_t L
 }
 #endif
 
-// With check_inputs, *inputs_valid becomes whether every score is finite and every target in {-1, 0, 1}.
+// What the row scan of multilabel_row_scan collects besides the top-K: each thread's positives (label, score) in
+// the order found, and its count per label.
+template <typename T>
+struct ThreadPositives {
+  struct Hit {
+    int32_t label;
+    T value;
+  };
+  std::vector<std::vector<Hit>> hits;
+  std::vector<std::vector<int64_t>> counts;
+  ThreadPositives(int64_t threads, int64_t L) : hits(threads), counts(threads, std::vector<int64_t>(L, 0)) {}
+
+  // Collects a row's positives for `thread` and returns how many there are. Kept out of line: inlined, it made
+  // the top-K scan around it 1.5x slower.
+  template <typename scalar_t>
+  __attribute__((noinline)) int64_t collect(const scalar_t* s, const int8_t* t, int64_t L, int64_t thread) {
+    auto& found = hits[thread];
+    int64_t* count = counts[thread].data();
+    int64_t positives = 0;
+    const auto take = [&](int64_t j) {
+      found.push_back({static_cast<int32_t>(j), static_cast<T>(s[j])});
+      ++count[j];
+      ++positives;
+    };
+#ifdef PYZSL_X86_SIMD
+    if (avx512_enabled()) {
+      find_ones_avx512(t, L, take);
+      return positives;
+    }
+#endif
+    find_ones(t, L, take);
+    return positives;
+  }
+};
+
+// With check_inputs, *inputs_valid becomes whether every score is finite and every target in {-1, 0, 1}; with
+// `positives`, the row scan also collects the positives' scores, which the row is in L1 for.
 template <typename scalar_t>
 void topk_kernel(const scalar_t* scores, const int8_t* targets, int64_t N, int64_t L, int64_t k, bool* hits,
-                 int64_t* row_positives, bool check_inputs, bool* inputs_valid) {
-  std::atomic<bool> valid{true};
+                 int64_t* row_positives, bool check_inputs, bool* inputs_valid,
+                 ThreadPositives<compare_t<scalar_t>>* positives_out) {
   using T = compare_t<scalar_t>;
+  std::atomic<bool> valid{true};
   const int64_t kept = std::min(k, L);
 #ifdef PYZSL_X86_SIMD
   const bool use_avx512 = avx512_enabled();
@@ -836,9 +917,13 @@ void topk_kernel(const scalar_t* scores, const int8_t* targets, int64_t N, int64
       }
       bool* h = hits + n * k;
       for (int64_t r = 0; r < k; ++r) h[r] = r < kept && t[top.index[r]] == 1;
-      int64_t positives = 0;
-      for (int64_t j = 0; j < L; ++j) positives += t[j] == 1;
-      row_positives[n] = positives;
+      if (positives_out != nullptr) {
+        row_positives[n] = positives_out->collect(s, t, L, at::get_thread_num());
+      } else {
+        int64_t positives = 0;
+        for (int64_t j = 0; j < L; ++j) positives += t[j] == 1;
+        row_positives[n] = positives;
+      }
       if (check_inputs) {
         bool row_valid;
 #ifdef PYZSL_X86_SIMD
@@ -856,8 +941,28 @@ void topk_kernel(const scalar_t* scores, const int8_t* targets, int64_t N, int64
   if (inputs_valid != nullptr) *inputs_valid = valid.load();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_hits_cpu(const at::Tensor& scores_in, const at::Tensor& targets_in,
-                                                             int64_t k, bool check_inputs, const char* op) {
+std::tuple<at::Tensor, at::Tensor> multilabel_topk_hits_cpu(const at::Tensor& scores_in, const at::Tensor& targets_in,
+                                                            int64_t k) {
+  check_scores_targets(scores_in, targets_in, "multilabel_topk_hits");
+  TORCH_CHECK_VALUE(k >= 1, "multilabel_topk_hits: k must be >= 1, got ", k);
+  const auto scores = scores_in.contiguous();
+  const auto targets = targets_in.contiguous();
+  const int64_t N = scores.size(0), L = scores.size(1);
+  auto hits = at::zeros({N, k}, scores.options().dtype(at::kBool));
+  auto row_positives = at::zeros({N}, scores.options().dtype(at::kLong));
+  if (N == 0 || L == 0) return {hits, row_positives};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "multilabel_topk_hits_cpu", [&] {
+    topk_kernel<scalar_t>(scores.const_data_ptr<scalar_t>(), targets.const_data_ptr<int8_t>(), N, L, k,
+                          hits.mutable_data_ptr<bool>(), row_positives.mutable_data_ptr<int64_t>(), false, nullptr,
+                          nullptr);
+  });
+  return {hits, row_positives};
+}
+
+// multilabel_topk_hits, the check of every value and the positives' CSR, in one pass over the rows.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multilabel_row_scan_cpu(
+    const at::Tensor& scores_in, const at::Tensor& targets_in, int64_t k) {
+  constexpr const char* op = "multilabel_row_scan";
   check_scores_targets(scores_in, targets_in, op);
   TORCH_CHECK_VALUE(k >= 1, op, ": k must be >= 1, got ", k);
   const auto scores = scores_in.contiguous();
@@ -866,24 +971,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_hits_cpu(const at::Tensor& s
   auto hits = at::zeros({N, k}, scores.options().dtype(at::kBool));
   auto row_positives = at::zeros({N}, scores.options().dtype(at::kLong));
   auto inputs_valid = at::ones({}, scores.options().dtype(at::kBool));
-  if (N == 0 || L == 0) return {hits, row_positives, inputs_valid};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "multilabel_topk_hits_cpu", [&] {
-    topk_kernel<scalar_t>(scores.const_data_ptr<scalar_t>(), targets.const_data_ptr<int8_t>(), N, L, k,
-                          hits.mutable_data_ptr<bool>(), row_positives.mutable_data_ptr<int64_t>(), check_inputs,
-                          inputs_valid.mutable_data_ptr<bool>());
+  auto positive_offsets = at::zeros({L + 1}, scores.options().dtype(at::kLong));
+  const auto compare_type = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor positive_scores;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "multilabel_row_scan_cpu", [&] {
+    using T = compare_t<scalar_t>;
+    const int64_t threads = std::max(1, at::get_num_threads());
+    ThreadPositives<T> found(threads, L);
+    // Room for one positive in 64 entries per thread (growing the lists cost 6 of 47 ms at the GZSL size, whose
+    // density is 1 in 100); denser targets grow them.
+    for (auto& list : found.hits) list.reserve(static_cast<size_t>(N * L / threads / 64 + 1));
+    if (N > 0 && L > 0) {
+      topk_kernel<scalar_t>(scores.const_data_ptr<scalar_t>(), targets.const_data_ptr<int8_t>(), N, L, k,
+                            hits.mutable_data_ptr<bool>(), row_positives.mutable_data_ptr<int64_t>(), true,
+                            inputs_valid.mutable_data_ptr<bool>(), &found);
+    }
+    // The CSR over labels: label j's positives are the threads' runs in thread order, each thread filling its own.
+    int64_t* offsets = positive_offsets.mutable_data_ptr<int64_t>();
+    int64_t total = 0;
+    for (int64_t j = 0; j < L; ++j) {
+      offsets[j] = total;
+      for (int64_t t = 0; t < threads; ++t) {
+        const int64_t in_thread = found.counts[t][j];
+        found.counts[t][j] = total;  // now the thread's next slot for label j
+        total += in_thread;
+      }
+    }
+    offsets[L] = total;
+    positive_scores = at::empty({total}, scores.options().dtype(compare_type));
+    T* values = positive_scores.mutable_data_ptr<T>();
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        for (const auto& h : found.hits[t]) values[found.counts[t][h.label]++] = h.value;
+      }
+    });
   });
-  return {hits, row_positives, inputs_valid};
-}
-
-std::tuple<at::Tensor, at::Tensor> multilabel_topk_hits_cpu(const at::Tensor& scores, const at::Tensor& targets,
-                                                            int64_t k) {
-  auto [hits, row_positives, inputs_valid] = topk_hits_cpu(scores, targets, k, false, "multilabel_topk_hits");
-  return {hits, row_positives};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> multilabel_topk_hits_checked_cpu(const at::Tensor& scores,
-                                                                                const at::Tensor& targets, int64_t k) {
-  return topk_hits_cpu(scores, targets, k, true, "multilabel_topk_hits_checked");
+  return {hits, row_positives, inputs_valid, positive_scores, positive_offsets};
 }
 
 }  // namespace
@@ -891,7 +1014,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multilabel_topk_hits_checked_cpu(
 TORCH_LIBRARY_IMPL(pyzsl, CPU, m) {
   m.impl("multilabel_ap", &multilabel_ap_cpu);
   m.impl("multilabel_topk_hits", &multilabel_topk_hits_cpu);
-  m.impl("multilabel_topk_hits_checked", &multilabel_topk_hits_checked_cpu);
+  m.impl("multilabel_row_scan", &multilabel_row_scan_cpu);
+  m.impl("multilabel_ap_given_positives", &multilabel_ap_given_positives_cpu);
 }
 
 }  // namespace pyzsl

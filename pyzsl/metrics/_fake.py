@@ -20,7 +20,15 @@ if cpp_built():
         N = scores.shape[0]
         return scores.new_empty(N, k, dtype=torch.bool), scores.new_empty(N, dtype=torch.int64)
 
-    @torch.library.register_fake("pyzsl::multilabel_topk_hits_checked")
-    def _multilabel_topk_hits_checked_fake(scores, targets, k):
+    @torch.library.register_fake("pyzsl::multilabel_row_scan")
+    def _multilabel_row_scan_fake(scores, targets, k):
         hits, row_positives = _multilabel_topk_hits_fake(scores, targets, k)
-        return hits, row_positives, scores.new_empty((), dtype=torch.bool)
+        total = torch.library.get_ctx().new_dynamic_size()  # the number of positives depends on the data
+        compare = torch.float64 if scores.dtype == torch.float64 else torch.float32
+        return (hits, row_positives, scores.new_empty((), dtype=torch.bool), scores.new_empty(total, dtype=compare),
+                scores.new_empty(scores.shape[1] + 1, dtype=torch.int64))
+
+    @torch.library.register_fake("pyzsl::multilabel_ap_given_positives")
+    def _multilabel_ap_given_positives_fake(scores, targets, row_mask, unannotated_is_negative, positive_scores,
+                                            positive_offsets):
+        return _multilabel_ap_fake(scores, targets, row_mask, unannotated_is_negative)
