@@ -110,7 +110,8 @@ def _images_with_positive(targets: Tensor) -> Tensor:
 def _label_ap(scores, targets, proto: Protocol, backend: str, row_mask: Optional[Tensor],
               positives: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
     """Per-label AP under ``proto``; NaN marks a label left out of the mean. ``positives``: the (scores, offsets) CSR
-    of ``multilabel_row_scan``, whose positives are those of the rows kept when row_mask drops only positive-free rows."""
+    of ``multilabel_row_scan``, which are the positives of the kept rows when row_mask drops only rows without
+    positive."""
     if row_mask is not None and bool(row_mask.all()):
         row_mask = None  # every image kept: spare the kernel the mask
     if positives is not None:
