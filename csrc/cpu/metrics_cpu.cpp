@@ -553,9 +553,11 @@ void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_ma
   const int64_t span = std::max<int64_t>(kMinLabelSpan, (L + threads - 1) / threads);
   const int64_t num_spans = (L + span - 1) / span;
   at::parallel_for(0, num_spans, 1, [&](int64_t span_begin, int64_t span_end) {
-    const int64_t tile_rows =
+    // No taller than the matrix: a small input would otherwise fault in (and have zeroed) a whole tile buffer.
+    const int64_t tile_rows = std::min(
         (dense ? std::clamp<int64_t>(kDenseTileElements / span, kMinTileRows, kDenseMaxTileRows)
-               : std::clamp<int64_t>(kTileElements / span, kMinTileRows, kMaxTileRows)) / kLanes * kLanes;
+               : std::clamp<int64_t>(kTileElements / span, kMinTileRows, kMaxTileRows)) / kLanes * kLanes,
+        (N + kLanes - 1) / kLanes * kLanes);
     // Not a power of two, so that columns do not share cache sets; a multiple of 16, so that every column starts
     // on a cache line (the dense copy's streaming stores need whole aligned lines).
     const int64_t stride = tile_rows + kLanes;
