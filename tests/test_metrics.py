@@ -318,9 +318,9 @@ def test_cpp_ap_with_lopsided_bins(dtype):
 
 
 @needs_cpp
-@pytest.mark.parametrize("shape", [(8192 * 2 + 3, 5), (300, 40000)])
+@pytest.mark.parametrize("shape", [(32768 * 2 + 3, 5), (300, 40000)])
 def test_cpp_ops_span_several_row_tiles(shape):
-    # The CPU AP kernel reads rows in tiles of 256 to 16384 rows (fewer when a thread owns many labels): cross them.
+    # The CPU AP kernel reads rows in tiles of 256 to 32,768 rows (fewer when a thread owns many labels): cross them.
     N, L = shape
     scores, targets = make_inputs(N, L, seed=1, dtype=torch.float32, tied=True)
     assert_ops_agree(scores, targets, ks=(3,))
