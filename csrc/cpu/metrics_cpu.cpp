@@ -6,7 +6,7 @@
 // O(N + P) work per label (O(N + P log P) at worst) and no copy of the score matrix.
 //   1. A row-major scan of the targets (with AVX-512, 64 per comparison) gathers each label's positive scores
 //      (CSR over labels); the scores of a batch of positives are prefetched together, so their scattered cache
-//      lines arrive in parallel.
+//      lines arrive in parallel. (multilabel_ap_given_positives takes them from multilabel_row_scan instead.)
 //   2. Each label gets a table of G ~ 2P equal-width bins over [lowest, highest positive] that gives, per bin, how
 //      many positives lie in lower bins. The bin function is monotone, so a score's bucket is that count plus a
 //      comparison with the positives of its own bin (usually none to three, compared without branches): exact.
@@ -14,9 +14,13 @@
 //   3. Each thread owns a range of labels and reads its part of the rows in order, a tile at a time, copying the
 //      tile column by column into a buffer. Entries that take no part are NaN (the portable loop, and with AVX-512
 //      16 x 16 register transposes when most entries are annotated) or left out (AVX-512 scatters of only the
-//      entries that take part, for mostly unannotated matrices). Then each label's run of the buffer is classified
-//      into below / inside / above the positives' range and the scores inside go through the label's table, which
-//      is hot in cache; with AVX-512, 16 scores at a time, the table entries and in-bin positives gathered.
+//      entries that take part, for mostly unannotated matrices; the dense copy writes with streaming stores). Then
+//      each label's run of the buffer is classified into below / inside / above the positives' range and the scores
+//      inside go through the label's table, which is hot in cache; with AVX-512, 16 scores at a time in three
+//      branch-free passes, the table entries and in-bin positives gathered.
+//
+// multilabel_row_scan is the evaluation's one pass over the rows: multilabel_topk_hits, a check of every value,
+// and the positives' CSR of step 1, each read from the row while it is in L1.
 //
 // multilabel_topk_hits keeps, per row, a sorted buffer of the k best (score, index) pairs in one pass, skipping
 // whole chunks of the row that cannot beat the current k-th best. With AVX-512 and k <= 16 the buffer is a pair of
