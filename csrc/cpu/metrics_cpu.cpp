@@ -90,6 +90,44 @@ struct PositivesByLabel {
   std::vector<T> values;         // label j's positives at [offsets[j], offsets[j + 1]), unsorted
 };
 
+// A positive found by a row scan: its label and score.
+template <typename T>
+struct PositiveHit {
+  int32_t label;
+  T value;
+};
+
+// The CSR over labels of lists of hits (one list per chunk of rows): label j's positives are the lists' runs in list
+// order. Each list counts its labels and later fills its own runs, both in parallel. allocate(total) returns the
+// values' storage; offsets has L + 1 slots.
+template <typename T, typename Allocate>
+void hits_to_csr(const std::vector<std::vector<PositiveHit<T>>>& lists, int64_t L, int64_t* offsets,
+                 Allocate&& allocate) {
+  const int64_t num_lists = static_cast<int64_t>(lists.size());
+  std::vector<int64_t> cursor(num_lists * L, 0);  // per (list, label): its count, then its next slot
+  at::parallel_for(0, num_lists, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      for (const auto& h : lists[c]) ++cursor[c * L + h.label];
+    }
+  });
+  int64_t total = 0;
+  for (int64_t j = 0; j < L; ++j) {
+    offsets[j] = total;
+    for (int64_t c = 0; c < num_lists; ++c) {
+      const int64_t in_list = cursor[c * L + j];
+      cursor[c * L + j] = total;
+      total += in_list;
+    }
+  }
+  offsets[L] = total;
+  T* const values = allocate(total);
+  at::parallel_for(0, num_lists, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      for (const auto& h : lists[c]) values[cursor[c * L + h.label]++] = h.value;
+    }
+  });
+}
+
 // Whether any of the 8 int8 targets at p equals 1 (SWAR: a zero byte of x ^ 0x0101.. marks a 1).
 inline bool any_byte_is_one(const int8_t* p) {
   uint64_t x;
@@ -142,13 +180,9 @@ PYZSL_AVX512 void find_ones_avx512(const int8_t* t, int64_t L, Found&& found) {
 template <typename scalar_t, typename T = compare_t<scalar_t>>
 PositivesByLabel<T> gather_positives(const scalar_t* scores, const int8_t* targets, const bool* row_mask, int64_t N,
                                      int64_t L) {
-  struct Hit {
-    int32_t label;
-    T value;
-  };
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, N));
   const int64_t rows_per_chunk = (N + chunks - 1) / chunks;
-  std::vector<std::vector<Hit>> hits(chunks);
+  std::vector<std::vector<PositiveHit<T>>> hits(chunks);
   // One row-major scan of the targets. The positives' scores are scattered over the rows' cache lines: each is
   // prefetched when found and read once kGatherBatch more have been found.
 #ifdef PYZSL_X86_SIMD
@@ -182,16 +216,11 @@ PositivesByLabel<T> gather_positives(const scalar_t* scores, const int8_t* targe
     }
   });
   PositivesByLabel<T> out;
-  out.offsets.assign(L + 1, 0);
-  for (const auto& chunk : hits) {
-    for (const Hit& h : chunk) ++out.offsets[h.label + 1];
-  }
-  for (int64_t j = 0; j < L; ++j) out.offsets[j + 1] += out.offsets[j];
-  out.values.resize(out.offsets[L]);
-  std::vector<int64_t> cursor(out.offsets.begin(), out.offsets.end() - 1);
-  for (const auto& chunk : hits) {
-    for (const Hit& h : chunk) out.values[cursor[h.label]++] = h.value;
-  }
+  out.offsets.resize(L + 1);
+  hits_to_csr(hits, L, out.offsets.data(), [&](int64_t total) {
+    out.values.resize(total);
+    return out.values.data();
+  });
   return out;
 }
 
@@ -389,8 +418,8 @@ PYZSL_AVX512 void count_run_avx512(LabelTable<float>& table, const float* values
     }
     _mm512_storeu_si512(bucket + i0, g);
     for (uint32_t m = has; m != 0; m &= m - 1) {
-      int32_t& b = bucket[i0 + __builtin_ctz(m)];
-      while (pos[b] <= values[i0 + __builtin_ctz(m)]) ++b;
+      const int64_t i = i0 + __builtin_ctz(m);
+      while (pos[bucket[i]] <= values[i]) ++bucket[i];
     }
   }
   int32_t* count = table.count.data();
@@ -868,47 +897,29 @@ PYZSL_AVX512 bool row_is_valid_avx512(const float* s, const int8_t* t, int64_t L
 }
 #endif
 
-// What the row scan of multilabel_row_scan collects besides the top-K: each thread's positives (label, score) in
-// the order found, and its count per label.
-template <typename T>
-struct ThreadPositives {
-  struct Hit {
-    int32_t label;
-    T value;
-  };
-  std::vector<std::vector<Hit>> hits;
-  std::vector<std::vector<int64_t>> counts;
-  ThreadPositives(int64_t threads, int64_t L) : hits(threads), counts(threads, std::vector<int64_t>(L, 0)) {}
-
-  // Collects a row's positives for `thread` and returns how many there are. Kept out of line: inlined, it made
-  // the top-K scan around it 1.5x slower.
-  template <typename scalar_t>
-  __attribute__((noinline)) int64_t collect(const scalar_t* s, const int8_t* t, int64_t L, int64_t thread) {
-    auto& found = hits[thread];
-    int64_t* count = counts[thread].data();
-    int64_t positives = 0;
-    const auto take = [&](int64_t j) {
-      found.push_back({static_cast<int32_t>(j), static_cast<T>(s[j])});
-      ++count[j];
-      ++positives;
-    };
+// Appends a row's positives (label, score) to `found` and returns how many there are: what multilabel_row_scan
+// collects besides the top-K. Kept out of line: inlined, it made the top-K scan around it 1.5x slower.
+template <typename scalar_t, typename T = compare_t<scalar_t>>
+__attribute__((noinline)) int64_t collect_row_positives(const scalar_t* s, const int8_t* t, int64_t L,
+                                                        std::vector<PositiveHit<T>>& found) {
+  const size_t before = found.size();
+  const auto take = [&](int64_t j) { found.push_back({static_cast<int32_t>(j), static_cast<T>(s[j])}); };
 #ifdef PYZSL_X86_SIMD
-    if (avx512_enabled()) {
-      find_ones_avx512(t, L, take);
-      return positives;
-    }
-#endif
-    find_ones(t, L, take);
-    return positives;
+  if (avx512_enabled()) {
+    find_ones_avx512(t, L, take);
+    return static_cast<int64_t>(found.size() - before);
   }
-};
+#endif
+  find_ones(t, L, take);
+  return static_cast<int64_t>(found.size() - before);
+}
 
 // With check_inputs, *inputs_valid becomes whether every score is finite and every target in {-1, 0, 1}; with
-// `positives`, the row scan also collects the positives' scores, which the row is in L1 for.
+// `positives_out` (a list per thread), the row scan also collects the positives' scores, which the row is in L1 for.
 template <typename scalar_t>
 void topk_kernel(const scalar_t* scores, const int8_t* targets, int64_t N, int64_t L, int64_t k, bool* hits,
                  int64_t* row_positives, bool check_inputs, bool* inputs_valid,
-                 ThreadPositives<compare_t<scalar_t>>* positives_out) {
+                 std::vector<std::vector<PositiveHit<compare_t<scalar_t>>>>* positives_out) {
   using T = compare_t<scalar_t>;
   std::atomic<bool> valid{true};
   const int64_t kept = std::min(k, L);
@@ -945,7 +956,7 @@ void topk_kernel(const scalar_t* scores, const int8_t* targets, int64_t N, int64
       bool* h = hits + n * k;
       for (int64_t r = 0; r < k; ++r) h[r] = r < kept && t[top.index[r]] == 1;
       if (positives_out != nullptr) {
-        row_positives[n] = positives_out->collect(s, t, L, at::get_thread_num());
+        row_positives[n] = collect_row_positives(s, t, L, (*positives_out)[at::get_thread_num()]);
       } else {
         int64_t positives = 0;
         for (int64_t j = 0; j < L; ++j) positives += t[j] == 1;
@@ -1004,33 +1015,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multilabe
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "multilabel_row_scan_cpu", [&] {
     using T = compare_t<scalar_t>;
     const int64_t threads = std::max(1, at::get_num_threads());
-    ThreadPositives<T> found(threads, L);
+    std::vector<std::vector<PositiveHit<T>>> found(threads);  // per thread
     // Room for one positive in 64 entries per thread (growing the lists cost 6 of 47 ms at the GZSL size, whose
     // density is 1 in 100); denser targets grow them.
-    for (auto& list : found.hits) list.reserve(static_cast<size_t>(N * L / threads / 64 + 1));
+    for (auto& list : found) list.reserve(static_cast<size_t>(N * L / threads / 64 + 1));
     if (N > 0 && L > 0) {
       topk_kernel<scalar_t>(scores.const_data_ptr<scalar_t>(), targets.const_data_ptr<int8_t>(), N, L, k,
                             hits.mutable_data_ptr<bool>(), row_positives.mutable_data_ptr<int64_t>(), true,
                             inputs_valid.mutable_data_ptr<bool>(), &found);
     }
-    // The CSR over labels: label j's positives are the threads' runs in thread order, each thread filling its own.
-    int64_t* offsets = positive_offsets.mutable_data_ptr<int64_t>();
-    int64_t total = 0;
-    for (int64_t j = 0; j < L; ++j) {
-      offsets[j] = total;
-      for (int64_t t = 0; t < threads; ++t) {
-        const int64_t in_thread = found.counts[t][j];
-        found.counts[t][j] = total;  // now the thread's next slot for label j
-        total += in_thread;
-      }
-    }
-    offsets[L] = total;
-    positive_scores = at::empty({total}, scores.options().dtype(compare_type));
-    T* values = positive_scores.mutable_data_ptr<T>();
-    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        for (const auto& h : found.hits[t]) values[found.counts[t][h.label]++] = h.value;
-      }
+    hits_to_csr(found, L, positive_offsets.mutable_data_ptr<int64_t>(), [&](int64_t total) {
+      positive_scores = at::empty({total}, scores.options().dtype(compare_type));
+      return positive_scores.mutable_data_ptr<T>();
     });
   });
   return {hits, row_positives, inputs_valid, positive_scores, positive_offsets};

@@ -70,7 +70,11 @@ def _check_multilabel(scores, targets, op: str) -> Tuple[Tensor, Tensor]:
     """Validates the pair and returns (scores, targets as int8)."""
     _check_pair(scores, targets, op)
     _check_values(scores, targets, op)
-    return scores.detach(), targets if targets.dtype == torch.int8 else targets.to(torch.int8)
+    return scores.detach(), _as_int8(targets)
+
+
+def _as_int8(targets: Tensor) -> Tensor:
+    return targets if targets.dtype == torch.int8 else targets.to(torch.int8)
 
 
 def _check_pair(scores, targets, op: str) -> None:
@@ -196,13 +200,12 @@ def multilabel_evaluation(
     _check_pair(scores, targets, op)
     backend = resolve_backend(backend, scores.device, op)
     # On the C++ CPU backend one pass over the rows does the top-K, checks the values and collects the positives
-    # for the AP, which spares three more reads of the inputs (GZSL size: 0.28 -> 0.24 s). Other targets than int8
-    # are checked first all the same: casting them could wrap a bad value.
+    # for the AP, which spares three more reads of the inputs (GZSL size: 0.280 -> 0.252 s). Other targets than
+    # int8 are checked first all the same: casting them could wrap a bad value.
     scan_rows = bool(ks) and backend == "cpp" and scores.device.type == "cpu" and targets.dtype == torch.int8
     if not scan_rows:
         _check_values(scores, targets, op)
-    targets = targets if targets.dtype == torch.int8 else targets.to(torch.int8)
-    return _evaluate(scores.detach(), targets, ks, proto, backend, op if scan_rows else None)
+    return _evaluate(scores.detach(), _as_int8(targets), ks, proto, backend, op if scan_rows else None)
 
 
 def _evaluate(scores: Tensor, targets: Tensor, ks: Sequence[int], proto: Protocol, backend: str,
