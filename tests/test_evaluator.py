@@ -84,6 +84,22 @@ def test_batches_equal_one_shot(protocol, backend):
                                                               protocol=protocol, backend=backend))
 
 
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("protocol", PROTOCOL_NAMES)
+def test_cpp_evaluator_equals_the_reference(protocol, tied):
+    # On cpp, compute() takes the row scan's path (top-K, value check and positives in one pass); the oracle is the
+    # plain-PyTorch evaluation of the same columns.
+    scores, targets = make_data(131, seed=7 + PROTOCOL_NAMES.index(protocol), tied=tied)
+    evaluator = MultilabelZSLEvaluator(unseen=UNSEEN, seen=SEEN, ks=(1, 3, 5), protocol=protocol, backend="cpp")
+    feed(evaluator, scores, targets, [64, 67])
+    expected = expected_results(scores, targets, ks=(1, 3, 5), protocol=protocol, backend="reference")
+    results = evaluator.compute()
+    assert list(results) == list(expected)
+    for key, value in expected.items():
+        assert results[key] == pytest.approx(value, abs=1e-9, rel=0, nan_ok=True), key
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zsl_only_and_every_column(backend):
     scores, targets = make_data(40, seed=5, tied=True)
