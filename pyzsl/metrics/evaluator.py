@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .._backend import BACKENDS, resolve_backend
 from .._checks import check_index_list, check_positive_int, check_tensor
-from .functional import PROTOCOLS, _check_multilabel, _evaluate, _scans_rows
+from .functional import PROTOCOLS, _check_multilabel, _evaluate
 
 
 def _all_gather_rows(x: Tensor, group) -> Tensor:
@@ -100,16 +100,13 @@ class MultilabelZSLEvaluator:
         if dist.is_available() and dist.is_initialized():
             scores = _all_gather_rows(scores, self.process_group)
             targets = _all_gather_rows(targets, self.process_group)
-        op = "MultilabelZSLEvaluator.compute"
         results: Dict[str, float] = {}
         for name, columns in self.subsets.items():
             whole = columns.numel() == self.num_labels  # all columns in order: evaluate without a copy
             s = scores if whole else scores[:, columns.to(scores.device)]
             t = targets if whole else targets[:, columns.to(targets.device)]
-            backend = resolve_backend(self.backend, s.device, op)
-            # update() validated every batch, so no other pass checks the values again; the row scan, where it
-            # serves, checks them anyway while it reads the rows for the top-K and the positives.
-            metrics = _evaluate(s, t, self.ks, PROTOCOLS[self.protocol], backend,
-                                op if _scans_rows(s, t, self.ks, backend) else None)
+            # update() validated every batch: evaluate without scanning the scores again
+            metrics = _evaluate(s, t, self.ks, PROTOCOLS[self.protocol],
+                                resolve_backend(self.backend, s.device, "MultilabelZSLEvaluator.compute"))
             results.update({f"{name}/{key}": value for key, value in metrics.items()})
         return results
