@@ -945,8 +945,6 @@ void topk_kernel(const scalar_t* scores, const int8_t* targets, int64_t N, int64
       {
         topk_row(s, L, top);
       }
-      bool* h = hits + n * k;
-      for (int64_t r = 0; r < k; ++r) h[r] = r < kept && t[top.index[r]] == 1;
       if (positives_out != nullptr) {
         row_positives[n] = collect_row_positives(s, t, L, (*positives_out)[at::get_thread_num()]);
       } else {
@@ -966,6 +964,10 @@ void topk_kernel(const scalar_t* scores, const int8_t* targets, int64_t N, int64
         }
         if (!row_valid) valid.store(false, std::memory_order_relaxed);
       }
+      // Last: the passes above read the row's targets in order, so these few reads at the k best find them in L1
+      // (the row scan at the GZSL size 39.9-40.3 -> 38.4-39.4 ms, hits first against last).
+      bool* h = hits + n * k;
+      for (int64_t r = 0; r < k; ++r) h[r] = r < kept && t[top.index[r]] == 1;
     }
   });
   if (inputs_valid != nullptr) *inputs_valid = valid.load();
