@@ -827,10 +827,25 @@ PYZSL_AVX512 float lane_maxima_bound(const float* s, int64_t L, int64_t k) {
     // MAXPS returns its second operand when either is NaN: the running maxima stay numbers.
     maxima = _mm512_mask_max_ps(maxima, lanes, _mm512_maskz_loadu_ps(lanes, s + j), maxima);
   }
-  alignas(64) float m[kLanes];
-  _mm512_store_ps(m, maxima);
-  std::nth_element(m, m + k - 1, m + kLanes, std::greater<float>());
-  return m[k - 1];
+  // Each lane's rank: how many lanes hold more (the others come round by a rotating permute). The lanes ranked
+  // below k are the k best with any ties of the k-th, whose smallest is the k-th largest. No branch, unlike
+  // std::nth_element (the row scan at the GZSL size 38.3 -> 30.5 ms). MAXPS above returns its second operand
+  // when either is NaN, so the maxima are numbers (-inf for a lane past a short row) and the comparisons exact.
+  __m512i greater = _mm512_setzero_si512(), from = lane_index();
+  const __m512i one = _mm512_set1_epi32(1), last = _mm512_set1_epi32(kLanes - 1);
+  for (int r = 1; r < kLanes; ++r) {
+    from = _mm512_and_si512(_mm512_add_epi32(from, one), last);
+    const __m512 other = _mm512_maskz_permutexvar_ps(0xFFFF, from, maxima);
+    greater = _mm512_mask_add_epi32(greater, _mm512_cmp_ps_mask(other, maxima, _CMP_GT_OQ), greater, one);
+  }
+  const __mmask16 among_best = _mm512_cmplt_epi32_mask(greater, _mm512_set1_epi32(static_cast<int32_t>(k)));
+  // Their minimum, by halving (zero-masked forms with every lane kept, as above).
+  __m512 v = _mm512_mask_mov_ps(_mm512_set1_ps(std::numeric_limits<float>::infinity()), among_best, maxima);
+  v = _mm512_maskz_min_ps(0xFFFF, v, _mm512_maskz_shuffle_f32x4(0xFFFF, v, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  v = _mm512_maskz_min_ps(0xFFFF, v, _mm512_maskz_shuffle_f32x4(0xFFFF, v, v, _MM_SHUFFLE(2, 3, 0, 1)));
+  v = _mm512_maskz_min_ps(0xFFFF, v, _mm512_maskz_permute_ps(0xFFFF, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  v = _mm512_maskz_min_ps(0xFFFF, v, _mm512_maskz_permute_ps(0xFFFF, v, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm512_cvtss_f32(v);
 }
 
 // topk_row_avx512 for k <= 16 in two passes: the lane maxima give a bound on the k-th best first, so the scan offers
