@@ -713,7 +713,7 @@ def test_cpp_ap_given_positives_rejects_bad_positives():
         ap_op(scores, targets, None, False, positive_scores, zigzag)
 
 
-def test_evaluation_names_bad_values_found_in_the_topk_pass():
+def test_evaluation_names_bad_values_found_in_the_row_scan():
     # The fast path (cpp backend, int8 targets): the same messages as the Python checks, for an unannotated NaN too.
     scores, targets = make_inputs(6, 9, seed=23, dtype=torch.float32)
     unannotated = (targets == 0).nonzero()[0].tolist()

@@ -15,9 +15,10 @@
 //      tile column by column into a buffer. Entries that take no part are NaN (the portable loop, and with AVX-512
 //      16 x 16 register transposes when most entries are annotated) or left out (AVX-512 scatters of only the
 //      entries that take part, for mostly unannotated matrices; the dense copy writes with streaming stores). Then
-//      each label's run of the buffer is classified into below / inside / above the positives' range and the scores
-//      inside are counted per bin, the label's bin counts being hot in cache. Only a score whose bin holds a
-//      positive (about one in six at the GZSL size) is compared with that bin's positives and placed in its bucket.
+//      each label's run of the buffer is classified into below / inside / above the positives' range, and the
+//      scores inside are placed in their buckets. With AVX-512 they are first counted per bin (the label's bin
+//      counts hot in cache), and only a score whose bin holds a positive (about one in six at the GZSL size) is
+//      compared with that bin's positives; the portable loop compares every score with its bin's positives.
 //
 // multilabel_row_scan is the evaluation's one pass over the rows: multilabel_topk_hits, a check of every value,
 // and the positives' CSR of step 1, each read from the row while it is in L1.
