@@ -655,7 +655,8 @@ def test_cpp_row_scan_matches_topk_and_flags_exactly_the_bad_inputs(dtype, shape
     # multilabel_evaluation on the cpp backend reads the rows once (multilabel_row_scan): its hits must be those of
     # multilabel_topk_hits, its positives each label's positive scores (in the kernels' compare type), and
     # inputs_valid false for one NaN or inf anywhere (unannotated entries included) or one target outside
-    # {-1, 0, 1}, at the first, the last and a middle position of rows of awkward lengths.
+    # {-1, 0, 1}, at the first, the last and a middle position of rows of awkward lengths. k = 3 and 17 take both
+    # AVX-512 checks: the bounded top-K's (k <= 16), which tests the scores as it reads them, and the separate one.
     N, L = shape
     scores, targets = make_inputs(N, L, seed=N + L, dtype=dtype)
     compare = torch.float64 if dtype == torch.float64 else torch.float32
@@ -671,11 +672,13 @@ def test_cpp_row_scan_matches_topk_and_flags_exactly_the_bad_inputs(dtype, shape
         for bad in (float("nan"), float("inf"), float("-inf")):
             s = scores.clone()
             s[n, j] = bad
-            assert not bool(torch.ops.pyzsl.multilabel_row_scan(s, targets, 3)[2]), (n, j, bad)
+            for k in (3, 17):
+                assert not bool(torch.ops.pyzsl.multilabel_row_scan(s, targets, k)[2]), (n, j, bad, k)
         for bad in (2, -2, 127, -128):
             t = targets.clone()
             t[n, j] = bad
-            assert not bool(torch.ops.pyzsl.multilabel_row_scan(scores, t, 3)[2]), (n, j, bad)
+            for k in (3, 17):
+                assert not bool(torch.ops.pyzsl.multilabel_row_scan(scores, t, k)[2]), (n, j, bad, k)
     huge = torch.full((2, 3), torch.finfo(dtype).max, dtype=dtype)  # finite, however large
     assert bool(torch.ops.pyzsl.multilabel_row_scan(huge, torch.ones(2, 3, dtype=torch.int8), 2)[2])
 
