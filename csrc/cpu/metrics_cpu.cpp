@@ -9,7 +9,7 @@
 //      lines arrive in parallel. (multilabel_ap_given_positives takes them from multilabel_row_scan instead.)
 //   2. Each label gets a table of G ~ 2P equal-width bins over [lowest, highest positive] that gives, per bin, how
 //      many positives lie in lower bins. The bin function is monotone, so a score's bucket is that count plus a
-//      comparison with the positives of its own bin (usually none to three, compared without branches): exact.
+//      comparison with the positives of its own bin (usually none to four, compared without branches): exact.
 //      The same bins sort the positives: by bin, then within each bin, in O(P) but for lopsided bins.
 //   3. Each thread owns a range of labels and reads its part of the rows in order, a tile at a time, copying the
 //      tile column by column into a buffer. Entries that take no part are NaN (the portable loop, and with AVX-512
@@ -72,7 +72,7 @@ constexpr int64_t kDenseTileElements = 1 << 24;
 constexpr int64_t kMinTileRows = 256;
 constexpr int64_t kMaxTileRows = 8192;
 constexpr int64_t kDenseMaxTileRows = 32768;
-constexpr int32_t kInBinCompares = 3;  // positives of a score's bin compared without branches
+constexpr int32_t kInBinCompares = 4;  // positives of a score's bin compared without branches
 constexpr int32_t kHoldsPositive = std::numeric_limits<int32_t>::min();  // marks a bin's entry in LabelTable::hist
 constexpr int64_t kCountBlock = 512;  // count_run_avx512's block of scores: its scratch stays in L1
 constexpr int64_t kGatherBatch = 256;    // positives whose scores are prefetched before any is read
@@ -244,7 +244,7 @@ struct LabelTable {
   T scale = 0;
   T last_bin = 0;
   std::vector<T> pos;         // ascending, then kInBinCompares +inf sentinels (branch-free reads past the end)
-  std::vector<int32_t> bins;  // per bin: (#positives in lower bins) << 3 | min(#positives in the bin, 4)
+  std::vector<int32_t> bins;  // per bin: (#positives in lower bins) << 3 | min(#positives in the bin, 5)
   // The AVX-512 count's per-bin counts: per bin, the count of its other annotated entries if it holds no positive
   // (they all share the bucket of the positives in lower bins); if it does, its entry with the top bit set, and
   // its entries go through place(). Then kLanes spare slots for the lanes outside [lo, hi), so that the loop needs
@@ -308,16 +308,25 @@ struct LabelTable {
   }
 
   // Places a score v in [lo, hi) whose bin has this entry: its bucket is how many positives are <= v. Lower bins'
-  // positives are < v and higher bins' > v (the bin function is monotone), so only v's own bin is compared: up to
-  // kInBinCompares positives without branches, any further ones (rare) in a loop that stops at hi > v.
+  // positives are < v and higher bins' > v (the bin function is monotone), so only v's own bin is compared: its
+  // first kInBinCompares positives without branches, any further ones (rare) in a loop that stops at hi > v. The
+  // compared slots past the bin hold higher bins' positives or the +inf sentinels, all > v, so they need no mask;
+  // and as the positives ascend, those <= v are a prefix: for float, one SSE comparison of four and the length of
+  // its run of ones (AP at the GZSL size 182.7 -> 167.4 ms against three masked scalar comparisons).
   inline void place(T v, int32_t entry) {
-    const int32_t in_bin = entry & 7;
     int64_t g = entry >> 3;
     const T* p = pos.data() + g;
-    g += (in_bin >= 1) & (p[0] <= v);
-    g += (in_bin >= 2) & (p[1] <= v);
-    g += (in_bin >= 3) & (p[2] <= v);
-    if (in_bin > kInBinCompares) {
+#ifdef PYZSL_X86_SIMD
+    if constexpr (std::is_same_v<T, float>) {
+      static_assert(kInBinCompares == 4, "one SSE comparison of four");
+      const int at_most_v = _mm_movemask_ps(_mm_cmple_ps(_mm_loadu_ps(p), _mm_set1_ps(v)));
+      g += __builtin_ctz(~at_most_v);
+    } else
+#endif
+    {
+      for (int32_t i = 0; i < kInBinCompares; ++i) g += p[i] <= v;
+    }
+    if ((entry & 7) > kInBinCompares) {
       while (pos[g] <= v) ++g;
     }
     ++count[g];
