@@ -317,6 +317,27 @@ def test_cpp_ap_with_lopsided_bins(dtype):
 
 
 @needs_cpp
+def test_cpp_ap_on_every_count_loop():
+    # The AVX-512 count picks its loop by the label's number of bins, G = 2P: the flags of the bins holding a
+    # positive in 2, 4 or 8 registers (up to 1,024, 2,048 and 4,096 bins), else marked in the per-bin counts. Labels
+    # on both sides of each bound, with ties within and across positives and negatives (a third of the scores on a
+    # coarse grid) and unannotated entries, against the reference.
+    g = torch.Generator().manual_seed(5)
+    counts = [1, 2, 511, 512, 513, 1024, 1025, 2048, 2049, 3000]
+    N, L = 9000, len(counts)
+    scores = torch.rand(N, L, generator=g)
+    targets = torch.where(torch.rand(N, L, generator=g) < 0.3, 0, -1).to(torch.int8)
+    for j, P in enumerate(counts):
+        rows = torch.randperm(N, generator=g)[:P]
+        targets[rows, j] = 1
+        scores[rows, j] += 0.3  # positives score higher on average, as a model's do
+    coarse = torch.rand(N, L, generator=g) < 1 / 3
+    scores = torch.where(coarse, torch.round(scores * 200) / 200, scores)
+    assert scores.dtype == torch.float32 and ((targets == 1).sum(0) == torch.tensor(counts)).all()
+    assert_ops_agree(scores, targets, ks=(3,))
+
+
+@needs_cpp
 @pytest.mark.parametrize("shape", [(32768 * 2 + 3, 5), (300, 40000)])
 def test_cpp_ops_span_several_row_tiles(shape):
     # The CPU AP kernel reads rows in tiles of 256 to 32,768 rows (fewer when a thread owns many labels): cross them.
