@@ -103,12 +103,37 @@ struct PositiveHit {
   T value;
 };
 
+// A growing list of hits that appends without a check per element: room(n) makes space for n more and returns
+// where they go; commit(m) keeps the first m written there. (std::vector::push_back per positive, whose size lives
+// in memory: the row scan at the GZSL size 27.1 -> 25.3 ms with this.)
+template <typename T>
+class HitList {
+ public:
+  PositiveHit<T>* room(size_t n) {
+    if (capacity_ - size_ < n) reserve(std::max(size_ + n, 2 * capacity_));
+    return data_.get() + size_;
+  }
+  void commit(size_t m) { size_ += m; }
+  void reserve(size_t n) {
+    if (n <= capacity_) return;
+    auto grown = std::make_unique_for_overwrite<PositiveHit<T>[]>(n);
+    std::copy(begin(), end(), grown.get());
+    data_ = std::move(grown);
+    capacity_ = n;
+  }
+  const PositiveHit<T>* begin() const { return data_.get(); }
+  const PositiveHit<T>* end() const { return data_.get() + size_; }
+
+ private:
+  std::unique_ptr<PositiveHit<T>[]> data_;
+  size_t size_ = 0, capacity_ = 0;
+};
+
 // The CSR over labels of lists of hits (one list per chunk of rows): label j's positives are the lists' runs in list
 // order. Each list counts its labels and later fills its own runs, both in parallel. allocate(total) returns the
 // values' storage; offsets has L + 1 slots.
 template <typename T, typename Allocate>
-void hits_to_csr(const std::vector<std::vector<PositiveHit<T>>>& lists, int64_t L, int64_t* offsets,
-                 Allocate&& allocate) {
+void hits_to_csr(const std::vector<HitList<T>>& lists, int64_t L, int64_t* offsets, Allocate&& allocate) {
   const int64_t num_lists = static_cast<int64_t>(lists.size());
   std::vector<int64_t> cursor(num_lists * L, 0);  // per (list, label): its count, then its next slot
   at::parallel_for(0, num_lists, 1, [&](int64_t c0, int64_t c1) {
@@ -188,7 +213,7 @@ PositivesByLabel<T> gather_positives(const scalar_t* scores, const int8_t* targe
                                      int64_t L) {
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, N));
   const int64_t rows_per_chunk = (N + chunks - 1) / chunks;
-  std::vector<std::vector<PositiveHit<T>>> hits(chunks);
+  std::vector<HitList<T>> hits(chunks);
   // One row-major scan of the targets. The positives' scores are scattered over the rows' cache lines: each is
   // prefetched when found and read once kGatherBatch more have been found.
 #ifdef PYZSL_X86_SIMD
@@ -199,7 +224,9 @@ PositivesByLabel<T> gather_positives(const scalar_t* scores, const int8_t* targe
     pending.reserve(kGatherBatch);
     for (int64_t c = c0; c < c1; ++c) {
       auto flush = [&] {
-        for (const auto& [label, index] : pending) hits[c].push_back({label, static_cast<T>(scores[index])});
+        PositiveHit<T>* out = hits[c].room(pending.size());
+        for (const auto& [label, index] : pending) *out++ = {label, static_cast<T>(scores[index])};
+        hits[c].commit(pending.size());
         pending.clear();
       };
       auto found = [&](int64_t n, int64_t j) {
@@ -1024,17 +1051,20 @@ PYZSL_AVX512 bool row_is_valid_avx512(const float* s, const int8_t* t, int64_t L
 // collects besides the top-K. Kept out of line: inlined, it made the top-K scan around it 1.5x slower.
 template <typename scalar_t, typename T = compare_t<scalar_t>>
 __attribute__((noinline)) int64_t collect_row_positives(const scalar_t* s, const int8_t* t, int64_t L,
-                                                        std::vector<PositiveHit<T>>& found) {
-  const size_t before = found.size();
-  const auto take = [&](int64_t j) { found.push_back({static_cast<int32_t>(j), static_cast<T>(s[j])}); };
+                                                        HitList<T>& found) {
+  PositiveHit<T>* const first = found.room(static_cast<size_t>(L));
+  PositiveHit<T>* out = first;
+  const auto take = [&](int64_t j) { *out++ = {static_cast<int32_t>(j), static_cast<T>(s[j])}; };
 #ifdef PYZSL_X86_SIMD
   if (avx512_enabled()) {
     find_ones_avx512(t, L, take);
-    return static_cast<int64_t>(found.size() - before);
-  }
+  } else
 #endif
-  find_ones(t, L, take);
-  return static_cast<int64_t>(found.size() - before);
+  {
+    find_ones(t, L, take);
+  }
+  found.commit(static_cast<size_t>(out - first));
+  return out - first;
 }
 
 // With check_inputs, *inputs_valid becomes whether every score is finite and every target in {-1, 0, 1}; with
@@ -1042,7 +1072,7 @@ __attribute__((noinline)) int64_t collect_row_positives(const scalar_t* s, const
 template <typename scalar_t>
 void topk_kernel(const scalar_t* scores, const int8_t* targets, int64_t N, int64_t L, int64_t k, bool* hits,
                  int64_t* row_positives, bool check_inputs, bool* inputs_valid,
-                 std::vector<std::vector<PositiveHit<compare_t<scalar_t>>>>* positives_out) {
+                 std::vector<HitList<compare_t<scalar_t>>>* positives_out) {
   using T = compare_t<scalar_t>;
   std::atomic<bool> valid{true};
   const int64_t kept = std::min(k, L);
@@ -1140,7 +1170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multilabe
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "multilabel_row_scan_cpu", [&] {
     using T = compare_t<scalar_t>;
     const int64_t threads = std::max(1, at::get_num_threads());
-    std::vector<std::vector<PositiveHit<T>>> found(threads);  // per thread
+    std::vector<HitList<T>> found(threads);  // per thread
     // Room for one positive in 64 entries per thread (growing the lists cost 6 of 47 ms at the GZSL size, whose
     // density is 1 in 100); denser targets grow them.
     for (auto& list : found) list.reserve(static_cast<size_t>(N * L / threads / 64 + 1));
