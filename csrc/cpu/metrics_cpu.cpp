@@ -486,7 +486,7 @@ PYZSL_AVX512 void count_run_avx512(LabelTable<float>& table, const float* values
 // positive stay in 2 * Pairs registers, so the vector pass itself picks the scores to place (a two-source permute
 // per 1,024 bins brings each lane its flag word), packs them into the queue, and leaves plain increments to the
 // scalar pass: no prior count stored per score, no pass over the block to find the queued ones (AP op at the GZSL
-// size 169.8 -> 158.1 ms against count_run_avx512 for every table).
+// size 170.4 -> 159.9 ms against count_run_avx512 for every table).
 template <int Pairs>
 PYZSL_AVX512 void count_run_flagged_avx512(LabelTable<float>& table, const float* values, int64_t n) {
   static_assert(Pairs == 1 || Pairs == 2 || Pairs == 4, "1,024, 2,048 or 4,096 bins");
