@@ -81,6 +81,7 @@ constexpr int64_t kGatherBatch = 256;    // positives whose scores are prefetche
 constexpr int64_t kMaxBins = 1 << 16;
 constexpr int64_t kBitmapBins = 4096;  // up to this many bins, their flags (holds a positive) fit in 8 registers
 constexpr int64_t kBinsPerPositive = 2;
+constexpr int32_t kLargeBin = 16;  // LabelTable::build sorts a bin of more positives by std::sort
 constexpr int64_t kTopkChunk = 32;
 constexpr int kLanes = 16;  // floats per AVX-512 vector
 constexpr int kNaNOrInf = 0x01 | 0x08 | 0x10 | 0x80;  // VFPCLASSPS classes: quiet NaN, +inf, -inf, signalling NaN
@@ -286,10 +287,12 @@ struct LabelTable {
   // count[m] = #other annotated entries placed with exactly m positives <= them, for m <= P.
   std::vector<int32_t> count;
   int64_t above = 0;          // other annotated entries >= hi
-  std::vector<int32_t> bin_of_positive, bin_end;  // scratch of build()
 
-  // Sorts the positives by bin first: bins are monotone in the score, so sorting each bin's few positives (about
-  // two per bin) then sorts them all, in O(P) for any but very lopsided bins, where std::sort takes over.
+  // Sorts the positives by bin first: bins are monotone in the score, so the positives are then out of order only
+  // within a bin (about two per bin), and one insertion sort over them all finishes in O(P); a bin of more than
+  // kLargeBin positives (lopsided scores) is sorted by std::sort first. The loops run over the positives or straight
+  // over the bins, without branches the data decides (every label's table and AP, without the counting, at the
+  // GZSL size: 17.8 -> 12.1 ms against sorting bin by bin and flagging bins in a branch).
   void build(const T* first, int64_t n) {
     P = n;
     pos.resize(P + kInBinCompares);
@@ -298,53 +301,49 @@ struct LabelTable {
     above = 0;
     lo = hi = std::numeric_limits<T>::infinity();
     if (P == 0) return;
-    const auto [lowest, highest] = std::minmax_element(first, first + n);
-    lo = *lowest;
-    hi = *highest;
+    lo = hi = first[0];
+    for (int64_t i = 1; i < P; ++i) {
+      lo = std::min(lo, first[i]);
+      hi = std::max(hi, first[i]);
+    }
     const int64_t G = std::min<int64_t>(kBinsPerPositive * P, kMaxBins);
     last_bin = static_cast<T>(G - 1);
     scale = hi > lo ? static_cast<T>(G) / (hi - lo) : T(0);
     if (!std::isfinite(static_cast<double>(scale))) scale = 0;  // positives too close for the bin width: one bin
+    thread_local std::vector<int32_t> bin_of_positive, bin_start, large_bins;
     bins.assign(G, 0);
     bin_of_positive.resize(P);
     for (int64_t i = 0; i < P; ++i) {
       bin_of_positive[i] = bin_of(first[i], lo, scale, last_bin);
       ++bins[bin_of_positive[i]];  // positives per bin, for now
     }
-    bin_end.resize(G);
+    bin_start.resize(G);
+    large_bins.clear();
     int32_t below = 0;
     for (int64_t b = 0; b < G; ++b) {
       const int32_t in_bin = bins[b];
+      if (in_bin > kLargeBin) large_bins.push_back(static_cast<int32_t>(b));
       bins[b] = (below << 3) | std::min(in_bin, kInBinCompares + 1);
-      bin_end[b] = below;  // the bin's start while scattering, its end after
+      bin_start[b] = below;
       below += in_bin;
     }
     hist.assign(G + kLanes, 0);
     if (G <= kBitmapBins) {
       holds_positive.assign(kBitmapBins / 32, 0);
-      for (int64_t b = 0; b < G; ++b) {
-        if ((bins[b] & 7) != 0) holds_positive[b >> 5] |= uint32_t{1} << (b & 31);
+      for (int64_t i = 0; i < P; ++i) {
+        holds_positive[bin_of_positive[i] >> 5] |= uint32_t{1} << (bin_of_positive[i] & 31);
       }
     } else {
       holds_positive.clear();
-      for (int64_t b = 0; b < G; ++b) {
-        if ((bins[b] & 7) != 0) hist[b] = bins[b] | kHoldsPositive;
-      }
+      for (int64_t i = 0; i < P; ++i) hist[bin_of_positive[i]] = bins[bin_of_positive[i]] | kHoldsPositive;
     }
-    for (int64_t i = 0; i < P; ++i) pos[bin_end[bin_of_positive[i]]++] = first[i];
-    for (int64_t b = 0; b < G; ++b) {
-      T* const begin = pos.data() + (bins[b] >> 3);
-      T* const end = pos.data() + bin_end[b];
-      if (end - begin > 16) {
-        std::sort(begin, end);
-      } else {
-        for (T* i = begin + 1; i < end; ++i) {  // insertion sort
-          const T v = *i;
-          T* j = i;
-          for (; j > begin && *(j - 1) > v; --j) *j = *(j - 1);
-          *j = v;
-        }
-      }
+    for (int64_t i = 0; i < P; ++i) pos[bin_start[bin_of_positive[i]]++] = first[i];  // bin_start: now the ends
+    for (const int32_t b : large_bins) std::sort(pos.data() + (bins[b] >> 3), pos.data() + bin_start[b]);
+    for (int64_t i = 1; i < P; ++i) {  // insertion sort: each shift stays within a bin
+      const T v = pos[i];
+      int64_t j = i;
+      for (; j > 0 && pos[j - 1] > v; --j) pos[j] = pos[j - 1];
+      pos[j] = v;
     }
   }
 
@@ -376,10 +375,24 @@ struct LabelTable {
   // (1/P) * sum over positives p of pos(>= p) / annotated(>= p), walking tie groups from the top.
   double average_precision() const {
     if (P == 0) return 0.0;
-    std::vector<int64_t> placed(count.begin(), count.end());
-    for (size_t b = 0; b < bins.size(); ++b) {
-      // A bin without positives: its entries share the bucket of the lower bins' positives.
-      if ((bins[b] & 7) == 0) placed[bins[b] >> 3] += hist[b];
+    // The bins between two bins that hold positives share the bucket of the upper one's lowest positive; with
+    // before[b] the counts of the bins below b that hold none, the positive pos[i] first in its bin takes
+    // before[its bin] - before[pos[i - 1]'s bin], and the others of the bin take 0 (lo's bin holds a positive, so
+    // nothing lies below it).
+    thread_local std::vector<int64_t> before, placed;
+    const size_t G = bins.size();
+    before.resize(G);
+    int64_t running = 0;
+    for (size_t b = 0; b < G; ++b) {
+      before[b] = running;
+      running += hist[b] * int64_t{(bins[b] & 7) == 0};  // a product, not a branch the data would mispredict
+    }
+    placed.assign(count.begin(), count.end());
+    int64_t previous = 0;
+    for (int64_t i = 0; i < P; ++i) {
+      const int64_t here = before[bin_of(pos[i], lo, scale, last_bin)];
+      placed[i] += here - previous;
+      previous = here;
     }
     double sum = 0.0;
     int64_t negatives_at_or_above = above;  // count[P] stays 0: in-range scores are < hi
