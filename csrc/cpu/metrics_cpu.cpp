@@ -265,6 +265,13 @@ inline int32_t bin_of(T v, T lo, T scale, T last_bin) {
   return static_cast<int32_t>(std::min(std::max(T(0), (v - lo) * scale), last_bin));
 }
 
+// Working arrays of LabelTable::build and average_precision, one set per thread for the call's labels (freed with
+// the call, unlike thread_local ones, which a label of millions of positives would leave allocated).
+struct TableScratch {
+  std::vector<int32_t> bin_of_positive, bin_start, large_bins;
+  std::vector<int64_t> before, placed;
+};
+
 // One label's table: its sorted positives and G ~ 2P equal-width bins over [lowest, highest positive].
 template <typename T>
 struct LabelTable {
@@ -293,7 +300,7 @@ struct LabelTable {
   // kLargeBin positives (lopsided scores) is sorted by std::sort first. The loops run over the positives or straight
   // over the bins, without branches the data decides (every label's table and AP, without the counting, at the
   // GZSL size: 17.8 -> 12.1 ms against sorting bin by bin and flagging bins in a branch).
-  void build(const T* first, int64_t n) {
+  void build(const T* first, int64_t n, TableScratch& scratch) {
     P = n;
     pos.resize(P + kInBinCompares);
     std::fill(pos.begin() + P, pos.end(), std::numeric_limits<T>::infinity());
@@ -310,7 +317,9 @@ struct LabelTable {
     last_bin = static_cast<T>(G - 1);
     scale = hi > lo ? static_cast<T>(G) / (hi - lo) : T(0);
     if (!std::isfinite(static_cast<double>(scale))) scale = 0;  // positives too close for the bin width: one bin
-    thread_local std::vector<int32_t> bin_of_positive, bin_start, large_bins;
+    std::vector<int32_t>& bin_of_positive = scratch.bin_of_positive;
+    std::vector<int32_t>& bin_start = scratch.bin_start;
+    std::vector<int32_t>& large_bins = scratch.large_bins;
     bins.assign(G, 0);
     bin_of_positive.resize(P);
     for (int64_t i = 0; i < P; ++i) {
@@ -373,13 +382,14 @@ struct LabelTable {
   }
 
   // (1/P) * sum over positives p of pos(>= p) / annotated(>= p), walking tie groups from the top.
-  double average_precision() const {
+  double average_precision(TableScratch& scratch) const {
     if (P == 0) return 0.0;
     // The bins between two bins that hold positives share the bucket of the upper one's lowest positive; with
     // before[b] the counts of the bins below b that hold none, the positive pos[i] first in its bin takes
     // before[its bin] - before[pos[i - 1]'s bin], and the others of the bin take 0 (lo's bin holds a positive, so
     // nothing lies below it).
-    thread_local std::vector<int64_t> before, placed;
+    std::vector<int64_t>& before = scratch.before;
+    std::vector<int64_t>& placed = scratch.placed;
     const size_t G = bins.size();
     before.resize(G);
     int64_t running = 0;
@@ -756,11 +766,12 @@ void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_ma
     const int64_t stride = tile_rows + kLanes;
     TileBuffer<T> buffer(span * stride);
     std::vector<LabelTable<T>> tables(span);
+    TableScratch scratch;
     std::vector<int32_t> run(span);  // per column of the tile: how many of its buffer slots are filled
     for (int64_t s = span_begin; s < span_end; ++s) {
       const int64_t j0 = s * span, width = std::min(span, L - j0);
       for (int64_t b = 0; b < width; ++b) {
-        tables[b].build(values + offsets[j0 + b], offsets[j0 + b + 1] - offsets[j0 + b]);
+        tables[b].build(values + offsets[j0 + b], offsets[j0 + b + 1] - offsets[j0 + b], scratch);
       }
       for (int64_t n0 = 0; n0 < N; n0 += tile_rows) {
         const int64_t n1 = std::min(N, n0 + tile_rows);
@@ -795,7 +806,7 @@ void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_ma
         }
       }
       for (int64_t b = 0; b < width; ++b) {
-        ap[j0 + b] = tables[b].average_precision();
+        ap[j0 + b] = tables[b].average_precision(scratch);
         num_positives[j0 + b] = tables[b].P;
       }
     }
