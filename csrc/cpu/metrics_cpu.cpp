@@ -515,7 +515,7 @@ PYZSL_AVX512 void count_run_avx512(LabelTable<float>& table, const float* values
 template <int Pairs>
 PYZSL_AVX512 void count_run_flagged_avx512(LabelTable<float>& table, const float* values, int64_t n) {
   static_assert(Pairs == 1 || Pairs == 2 || Pairs == 4, "1,024, 2,048 or 4,096 bins");
-  alignas(64) int32_t bins[kCountBlock + kLanes], queue_bin[kCountBlock + kLanes];
+  alignas(64) int32_t counted_bin[kCountBlock + kLanes], queue_bin[kCountBlock + kLanes];
   alignas(64) float queue_x[kCountBlock + kLanes];
   const VectorBins bin_of16(table);
   const __m512i low5 = _mm512_set1_epi32(31), one = _mm512_set1_epi32(1);
@@ -553,13 +553,13 @@ PYZSL_AVX512 void count_run_flagged_avx512(LabelTable<float>& table, const float
           _mm512_mask_test_epi32_mask(inside, _mm512_maskz_srlv_epi32(0xFFFF, word, _mm512_and_si512(bin, low5)), one);
       // Only the in-range scores whose bin holds no positive are counted per bin: the others' counts would go unused.
       const __mmask16 counted = inside & ~queued;
-      _mm512_storeu_si512(bins + num_counted, _mm512_maskz_compress_epi32(counted, bin));
+      _mm512_storeu_si512(counted_bin + num_counted, _mm512_maskz_compress_epi32(counted, bin));
       num_counted += __builtin_popcount(counted);
       _mm512_storeu_ps(queue_x + num_queued, _mm512_maskz_compress_ps(queued, x));
       _mm512_storeu_si512(queue_bin + num_queued, _mm512_maskz_compress_epi32(queued, bin));
       num_queued += __builtin_popcount(queued);
     }
-    for (int64_t i = 0; i < num_counted; ++i) ++hist[bins[i]];
+    for (int64_t i = 0; i < num_counted; ++i) ++hist[counted_bin[i]];
     for (int64_t q = 0; q < num_queued; ++q) table.place(queue_x[q], entries[queue_bin[q]]);
   }
   table.above += above;
