@@ -31,8 +31,12 @@ std::string build_info() {
   return info;
 }
 
+int64_t empty_cache();  // csrc/cpu/metrics_cpu.cpp
+
 TORCH_LIBRARY(pyzsl, m) {
   m.def("_build_info() -> str", &build_info);
+  // Frees the workspace the CPU evaluation kernels keep between calls; returns its size in bytes.
+  m.def("_empty_cache() -> int", &empty_cache);
   // Per-label average precision (sklearn's definition, ties included) and the positive count of each label.
   // scores [N, L] floating, targets [N, L] int8 in {1, 0, -1}; row_mask [N] bool selects the rows evaluated.
   m.def(

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, balanced_accuracy_score
 
 from pyzsl._backend import available_backends
-from pyzsl.metrics import (gzsl_accuracy, multilabel_average_precision, multilabel_evaluation,
+from pyzsl.metrics import (empty_cache, gzsl_accuracy, multilabel_average_precision, multilabel_evaluation,
                            multilabel_topk, zsl_accuracy)
 from pyzsl.metrics import _reference
 
@@ -335,6 +335,31 @@ def test_cpp_ap_on_every_count_loop():
     scores = torch.where(coarse, torch.round(scores * 200) / 200, scores)
     assert scores.dtype == torch.float32 and ((targets == 1).sum(0) == torch.tensor(counts)).all()
     assert_ops_agree(scores, targets, ks=(3,))
+
+
+@needs_cpp
+def test_cpp_ap_reuses_its_tile_buffers_across_shapes_and_dtypes():
+    # The CPU AP kernel keeps its tile buffers between calls and lends the smallest one that fits: a buffer that held a
+    # larger or another dtype's tile, or the other tile copy's layout (dense transpose, sparse scatter), must not leak
+    # into a later result, nor must a fresh buffer after empty_cache().
+    cases = [(3000, 300, torch.float32, 0.1), (500, 40, torch.float64, 0.1), (2000, 90, torch.float32, 0.9),
+             (4000, 320, torch.float32, 0.1), (700, 33, torch.float64, 0.9)]
+    for i, (N, L, dtype, p_unannotated) in enumerate(cases * 2):
+        if i == len(cases):
+            empty_cache()
+        scores, targets = make_inputs(N, L, seed=i, dtype=dtype, tied=i % 2 == 0, p_unannotated=p_unannotated)
+        ap, _ = torch.ops.pyzsl.multilabel_ap(scores, targets, None, False)
+        ref_ap, _ = _reference.multilabel_ap(scores, targets, None, False)
+        torch.testing.assert_close(ap, ref_ap, rtol=0, atol=1e-12)
+
+
+@needs_cpp
+def test_empty_cache_frees_the_kept_tile_buffers():
+    # 6,000 x 640 dense: the threads' tiles hold 640 labels x ~6,000 rows of float32 (14.6 MiB) between them.
+    scores, targets = make_inputs(6000, 640, seed=3, dtype=torch.float32, tied=False, p_unannotated=0.0)
+    torch.ops.pyzsl.multilabel_ap(scores, targets, None, False)
+    assert empty_cache() >= 640 * 6000 * 4
+    assert empty_cache() == 0  # nothing kept
 
 
 @needs_cpp

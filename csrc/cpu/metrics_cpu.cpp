@@ -46,6 +46,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #if defined(__linux__)
@@ -726,25 +727,96 @@ PYZSL_AVX512 void fill_tile_dense_avx512(const float* scores, const int8_t* targ
 // A thread's tile buffer: uninitialised (the tile copy writes every slot that is read) and 2 MiB-aligned, so that
 // Linux may back it with huge pages. The copy writes 16 columns at once, each in another 4 KiB page; huge pages
 // spare those TLB misses (AP at the GZSL size 0.255 -> 0.240 s).
-template <typename T>
 class TileBuffer {
  public:
-  explicit TileBuffer(int64_t n) {
+  explicit TileBuffer(size_t bytes) {
     constexpr size_t kHugePage = size_t{1} << 21;
-    const size_t bytes = (static_cast<size_t>(n) * sizeof(T) + kHugePage - 1) / kHugePage * kHugePage;
-    data_.reset(static_cast<T*>(std::aligned_alloc(kHugePage, bytes)));
-    TORCH_CHECK(data_ != nullptr, "multilabel_ap: could not allocate a tile buffer of ", bytes, " bytes");
+    bytes_ = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    data_.reset(std::aligned_alloc(kHugePage, bytes_));
+    TORCH_CHECK(data_ != nullptr, "multilabel_ap: could not allocate a tile buffer of ", bytes_, " bytes");
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-    madvise(data_.get(), bytes, MADV_HUGEPAGE);  // a hint: without huge pages the buffer works the same
+    madvise(data_.get(), bytes_, MADV_HUGEPAGE);  // a hint: without huge pages the buffer works the same
 #endif
   }
-  T* data() const { return data_.get(); }
+  size_t bytes() const { return bytes_; }
+  template <typename T>
+  T* data() const {
+    return static_cast<T*>(data_.get());
+  }
 
  private:
   struct Free {
-    void operator()(T* p) const { std::free(p); }
+    void operator()(void* p) const { std::free(p); }
   };
-  std::unique_ptr<T, Free> data_;
+  std::unique_ptr<void, Free> data_;
+  size_t bytes_;
+};
+
+// The tile buffers outlive the call: a thread lends one for its span and gives it back, so that the next evaluation
+// does not fault in, and have the kernel zero, some 64 MiB per thread again (AP op at the GZSL size 122.8 -> 117.0
+// ms). At most one buffer per thread that ran the AP kernel at once is kept; empty_cache() frees them all
+// (pyzsl.metrics.empty_cache()).
+class TileBufferPool {
+ public:
+  static TileBufferPool& instance() {
+    static TileBufferPool pool;
+    return pool;
+  }
+  // The smallest kept buffer of at least `bytes`, else a new one (and a kept one too small goes, so that growing
+  // inputs do not pile up buffers).
+  std::unique_ptr<TileBuffer> lend(size_t bytes) {
+    std::unique_ptr<TileBuffer> too_small;  // freed after the lock is released
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto fit = kept_.end();
+      for (auto it = kept_.begin(); it != kept_.end(); ++it) {
+        if ((*it)->bytes() >= bytes && (fit == kept_.end() || (*it)->bytes() < (*fit)->bytes())) fit = it;
+      }
+      if (fit != kept_.end()) {
+        std::unique_ptr<TileBuffer> lent = std::move(*fit);
+        kept_.erase(fit);
+        return lent;
+      }
+      if (!kept_.empty()) {
+        too_small = std::move(kept_.back());
+        kept_.pop_back();
+      }
+    }
+    return std::make_unique<TileBuffer>(bytes);
+  }
+  void give_back(std::unique_ptr<TileBuffer> buffer) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    kept_.push_back(std::move(buffer));
+  }
+  // Frees the kept buffers and returns their size in bytes.
+  int64_t clear() {
+    std::vector<std::unique_ptr<TileBuffer>> freed;
+    std::lock_guard<std::mutex> lock(mutex_);
+    freed.swap(kept_);
+    int64_t bytes = 0;
+    for (const auto& buffer : freed) bytes += static_cast<int64_t>(buffer->bytes());
+    return bytes;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::unique_ptr<TileBuffer>> kept_;
+};
+
+// A buffer lent by the pool for a scope.
+class TileLease {
+ public:
+  explicit TileLease(size_t bytes) : buffer_(TileBufferPool::instance().lend(bytes)) {}
+  ~TileLease() { TileBufferPool::instance().give_back(std::move(buffer_)); }
+  TileLease(const TileLease&) = delete;
+  TileLease& operator=(const TileLease&) = delete;
+  template <typename T>
+  T* data() const {
+    return buffer_->data<T>();
+  }
+
+ private:
+  std::unique_ptr<TileBuffer> buffer_;
 };
 
 // Whether most entries take part in AP (target <= max_negative), judged on up to 256 evenly spaced rows: then the
@@ -791,7 +863,7 @@ void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_ma
     // Not a power of two, so that columns do not share cache sets; a multiple of 16, so that every column starts
     // on a cache line (the dense copy's streaming stores need whole aligned lines).
     const int64_t stride = tile_rows + kLanes;
-    TileBuffer<T> buffer(span * stride);
+    const TileLease buffer(static_cast<size_t>(span * stride) * sizeof(T));
     std::vector<LabelTable<T>> tables(span);
     TableScratch scratch;
     std::vector<int32_t> run(span);  // per column of the tile: how many of its buffer slots are filled
@@ -805,31 +877,31 @@ void ap_kernel(const scalar_t* scores, const int8_t* targets, const bool* row_ma
 #ifdef PYZSL_X86_SIMD
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (use_avx512 && dense) {
-            fill_tile_dense_avx512(scores, targets, row_mask, L, n0, n1, j0, width, max_negative, buffer.data(),
+            fill_tile_dense_avx512(scores, targets, row_mask, L, n0, n1, j0, width, max_negative, buffer.data<T>(),
                                    stride, run.data());
           } else if (use_avx512) {
-            fill_tile_avx512(scores, targets, row_mask, L, n0, n1, j0, width, max_negative, buffer.data(), stride,
+            fill_tile_avx512(scores, targets, row_mask, L, n0, n1, j0, width, max_negative, buffer.data<T>(), stride,
                              run.data());
           } else {
-            fill_tile(scores, targets, row_mask, L, n0, n1, j0, width, max_negative, buffer.data(), stride,
+            fill_tile(scores, targets, row_mask, L, n0, n1, j0, width, max_negative, buffer.data<T>(), stride,
                       run.data());
           }
         } else
 #endif
         {
-          fill_tile(scores, targets, row_mask, L, n0, n1, j0, width, max_negative, buffer.data(), stride, run.data());
+          fill_tile(scores, targets, row_mask, L, n0, n1, j0, width, max_negative, buffer.data<T>(), stride, run.data());
         }
         for (int64_t b = 0; b < width; ++b) {
           if (tables[b].P == 0) continue;  // AP 0: its scores need no counting
 #ifdef PYZSL_X86_SIMD
           if constexpr (std::is_same_v<T, float>) {
             if (use_avx512) {
-              count_run_any_avx512(tables[b], buffer.data() + b * stride, run[b]);
+              count_run_any_avx512(tables[b], buffer.data<T>() + b * stride, run[b]);
               continue;
             }
           }
 #endif
-          count_run(tables[b], buffer.data() + b * stride, run[b]);
+          count_run(tables[b], buffer.data<T>() + b * stride, run[b]);
         }
       }
       for (int64_t b = 0; b < width; ++b) {
@@ -1247,6 +1319,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multilabe
 }
 
 }  // namespace
+
+// Frees the tile buffers the CPU AP kernel keeps between calls and returns their size in bytes (pyzsl::_empty_cache).
+int64_t empty_cache() { return TileBufferPool::instance().clear(); }
 
 TORCH_LIBRARY_IMPL(pyzsl, CPU, m) {
   m.impl("multilabel_ap", &multilabel_ap_cpu);

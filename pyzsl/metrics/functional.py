@@ -28,7 +28,7 @@ from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .._backend import resolve_backend
+from .._backend import cpp_built, resolve_backend
 from .._checks import (check_finite, check_index_list, check_positive_int, check_same_device, check_tensor,
                        check_values_in)
 from . import _reference
@@ -183,6 +183,13 @@ def multilabel_topk(
     hits, row_positives = _kernels(backend)[1](scores, targets, k)
     keep = row_positives > 0 if proto.drop_images_without_positive else None
     return _topk_from_hits(hits, row_positives, k, keep)
+
+
+def empty_cache() -> int:
+    """Frees the workspace the C++ CPU kernels keep between calls and returns its size in bytes: the AP kernel's tile
+    buffers, up to ~64 MiB per thread, kept so that a repeated evaluation need not fault them in again. Later calls
+    allocate them anew (as after ``torch.cuda.empty_cache``)."""
+    return int(torch.ops.pyzsl._empty_cache()) if cpp_built() else 0
 
 
 def multilabel_evaluation(
