@@ -79,6 +79,7 @@ constexpr int32_t kInBinCompares = 4;  // positives of a score's bin compared wi
 constexpr int32_t kHoldsPositive = std::numeric_limits<int32_t>::min();  // marks a bin's entry in LabelTable::hist
 constexpr int64_t kCountBlock = 512;  // the AVX-512 counts' block of scores: their scratch stays in L1
 constexpr int64_t kGatherBatch = 256;    // positives whose scores are prefetched before any is read
+constexpr size_t kMaxKeptTileBytes = size_t{256} << 20;  // tile buffers kept between calls, at most
 constexpr int64_t kSpareSlots = 2;  // emit_set_bits may emit this many slots past the last set bit
 constexpr int64_t kCandidateBlock = 1024;  // the bounded top-K's block of entries
 constexpr int64_t kMaxBins = 1 << 16;
@@ -753,9 +754,9 @@ class TileBuffer {
 };
 
 // The tile buffers outlive the call: a thread lends one for its span and gives it back, so that the next evaluation
-// does not fault in, and have the kernel zero, some 64 MiB per thread again (AP op at the GZSL size 122.8 -> 117.0
-// ms). At most one buffer per thread that ran the AP kernel at once is kept; empty_cache() frees them all
-// (pyzsl.metrics.empty_cache()).
+// does not fault in, and have the kernel zero, some 64 MiB per thread again (AP op at the GZSL size 123.3 -> 119.1
+// ms). The pool keeps at most one buffer per thread that ran the AP kernel at once, and kMaxKeptTileBytes in all
+// (a buffer given back beyond that is freed); empty_cache() frees them all (pyzsl.metrics.empty_cache()).
 class TileBufferPool {
  public:
   static TileBufferPool& instance() {
@@ -786,7 +787,9 @@ class TileBufferPool {
   }
   void give_back(std::unique_ptr<TileBuffer> buffer) {
     std::lock_guard<std::mutex> lock(mutex_);
-    kept_.push_back(std::move(buffer));
+    size_t kept_bytes = buffer->bytes();
+    for (const auto& kept : kept_) kept_bytes += kept->bytes();
+    if (kept_bytes <= kMaxKeptTileBytes) kept_.push_back(std::move(buffer));
   }
   // Frees the kept buffers and returns their size in bytes.
   int64_t clear() {
