@@ -338,6 +338,23 @@ def test_cpp_ap_on_every_count_loop():
 
 
 @needs_cpp
+def test_cpp_ap_counts_past_16_bits():
+    # The AVX-512 count of a table of up to 4,096 bins counts a tile's column in 16-bit counters and adds them into
+    # 32-bit ones after it: 70,000 rows (three tiles) put more than 65,535 negatives into one bin without a positive
+    # (label 0) and into one bucket placed among tied positives (label 1).
+    N = 70_000
+    scores = torch.full((N, 2), 0.5, dtype=torch.float32)
+    targets = torch.full((N, 2), -1, dtype=torch.int8)
+    targets[:4, :] = 1
+    scores[:4, 0] = torch.tensor([0.1, 0.2, 0.9, 1.0])  # 0.5 falls in a bin between positives
+    scores[:4, 1] = torch.tensor([0.1, 0.5, 0.5, 1.0])  # 0.5 ties two positives: every negative is placed
+    for row_mask in (None, torch.arange(N) % 3 != 1):
+        ap, _ = torch.ops.pyzsl.multilabel_ap(scores, targets, row_mask, False)
+        ref_ap, _ = _reference.multilabel_ap(scores, targets, row_mask, False)
+        torch.testing.assert_close(ap, ref_ap, rtol=0, atol=1e-12)
+
+
+@needs_cpp
 def test_cpp_ap_reuses_its_tile_buffers_across_shapes_and_dtypes():
     # The CPU AP kernel keeps its tile buffers between calls and lends the smallest one that fits: a buffer that held a
     # larger or another dtype's tile, or the other tile copy's layout (dense transpose, sparse scatter), must not leak
