@@ -322,7 +322,7 @@ struct LabelTable {
   // count[m] = #other annotated entries placed with exactly m positives <= them, for m <= P.
   std::vector<int32_t> count;
   int64_t above = 0;          // other annotated entries >= hi
-  // With the bitmap (P <= 2,048), the AVX-512 count works on 16-bit copies: the bin entries (below << 3 fits), and
+  // With the bitmap (P <= 2,048), the float AVX-512 count uses 16-bit copies: the bin entries (below << 3 fits), and
   // the counts of one run (a tile's column, at most kSmallCountRun scores), added into hist and count after it.
   // Half the bytes keep the placing's lookups in L1 (AP op at the GZSL size 122.3 -> 117.8 and 123.4 -> 117.2 ms).
   std::vector<int16_t> bins16;
@@ -371,11 +371,13 @@ struct LabelTable {
     }
     hist.assign(G + kLanes, 0);
     if (G <= kBitmapBins) {
-      static_assert((kBitmapBins / kBinsPerPositive) << 3 <= std::numeric_limits<int16_t>::max() - 7,
-                    "a bin entry of a bitmap table fits 16 bits");
-      bins16.assign(bins.begin(), bins.end());
-      hist16.assign(G, 0);
-      count16.assign(P + 1, 0);
+      if constexpr (std::is_same_v<T, float>) {  // only the float count (AVX-512) uses the 16-bit copies
+        static_assert((kBitmapBins / kBinsPerPositive) << 3 <= std::numeric_limits<int16_t>::max() - 7,
+                      "a bin entry of a bitmap table fits 16 bits");
+        bins16.assign(bins.begin(), bins.end());
+        hist16.assign(G, 0);
+        count16.assign(P + 1, 0);
+      }
       holds_positive.assign(kBitmapBins / 32, 0);
       for (int64_t i = 0; i < P; ++i) {
         holds_positive[bin_of_positive[i] >> 5] |= uint32_t{1} << (bin_of_positive[i] & 31);
@@ -574,9 +576,9 @@ PYZSL_AVX512 void count_run_flagged_avx512(LabelTable<float>& table, const float
   __m512i words[2 * Pairs];  // word w of the bitmap: register w / 16, lane w % 16
   for (int r = 0; r < 2 * Pairs; ++r) words[r] = _mm512_loadu_si512(table.holds_positive.data() + kLanes * r);
   TORCH_INTERNAL_ASSERT(n <= kSmallCountRun, "a run's 16-bit counts could overflow");
-  uint16_t* const hist = table.hist16.data();
-  uint16_t* const count = table.count16.data();
-  const int16_t* const entries = table.bins16.data();
+  uint16_t* const hist16 = table.hist16.data();
+  uint16_t* const count16 = table.count16.data();
+  const int16_t* const entries16 = table.bins16.data();
   int64_t above = 0;
   for (int64_t b0 = 0; b0 < n; b0 += kCountBlock) {
     const float* const x0 = values + b0;
@@ -612,8 +614,8 @@ PYZSL_AVX512 void count_run_flagged_avx512(LabelTable<float>& table, const float
       _mm512_storeu_si512(queue_bin + num_queued, _mm512_maskz_compress_epi32(queued, bin));
       num_queued += __builtin_popcount(queued);
     }
-    for (int64_t i = 0; i < num_counted; ++i) ++hist[counted_bin[i]];
-    for (int64_t q = 0; q < num_queued; ++q) ++count[table.bucket(queue_x[q], entries[queue_bin[q]])];
+    for (int64_t i = 0; i < num_counted; ++i) ++hist16[counted_bin[i]];
+    for (int64_t q = 0; q < num_queued; ++q) ++count16[table.bucket(queue_x[q], entries16[queue_bin[q]])];
   }
   table.flush_small_counts();
   table.above += above;
