@@ -319,11 +319,11 @@ def test_cpp_ap_with_lopsided_bins(dtype):
 @needs_cpp
 def test_cpp_ap_on_every_count_loop():
     # The AVX-512 count picks its loop by the label's number of bins, G = 2P: the flags of the bins holding a
-    # positive in 2, 4 or 8 registers (up to 1,024, 2,048 and 4,096 bins), else marked in the per-bin counts. Labels
-    # on both sides of each bound, with ties within and across positives and negatives (a third of the scores on a
-    # coarse grid) and unannotated entries, against the reference.
+    # positive in 2, 4, 8 or 16 registers (up to 1,024, 2,048, 4,096 and 8,192 bins), else marked in the per-bin
+    # counts. Labels on both sides of each bound, with ties within and across positives and negatives (a third of the
+    # scores on a coarse grid) and unannotated entries, against the reference.
     g = torch.Generator().manual_seed(5)
-    counts = [1, 2, 511, 512, 513, 1024, 1025, 2048, 2049, 3000]
+    counts = [1, 2, 511, 512, 513, 1024, 1025, 2048, 2049, 4096, 4097, 5000]
     N, L = 9000, len(counts)
     scores = torch.rand(N, L, generator=g)
     targets = torch.where(torch.rand(N, L, generator=g) < 0.3, 0, -1).to(torch.int8)
@@ -339,7 +339,7 @@ def test_cpp_ap_on_every_count_loop():
 
 @needs_cpp
 def test_cpp_ap_counts_past_16_bits():
-    # The AVX-512 count of a table of up to 4,096 bins counts a tile's column in 16-bit counters and adds them into
+    # The AVX-512 count of a table of up to 8,192 bins counts a tile's column in 16-bit counters and adds them into
     # 32-bit ones after it: 70,000 rows (three tiles) put more than 65,535 negatives into one bin without a positive
     # (label 0) and into one bucket placed among tied positives (label 1).
     N = 70_000

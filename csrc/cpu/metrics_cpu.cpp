@@ -19,7 +19,7 @@
 //      scores inside are placed in their buckets. With AVX-512 they are first counted per bin (the label's bin
 //      counts hot in cache), and only a score whose bin holds a positive (about one in six at the GZSL size) is
 //      compared with that bin's positives; which bins hold one, the vector pass reads from a bitmap in registers
-//      for up to 4,096 bins, and larger tables mark in their counts. The portable loop compares every score with
+//      for up to 8,192 bins, and larger tables mark in their counts. The portable loop compares every score with
 //      its bin's positives.
 //
 // multilabel_row_scan is the evaluation's one pass over the rows: multilabel_topk_hits, a check of every value,
@@ -85,7 +85,7 @@ constexpr size_t kMaxKeptTileBytes = size_t{256} << 20;  // tile buffers kept be
 constexpr int64_t kSpareSlots = 2;  // emit_set_bits may emit this many slots past the last set bit
 constexpr int64_t kCandidateBlock = 1024;  // the bounded top-K's block of entries
 constexpr int64_t kMaxBins = 1 << 16;
-constexpr int64_t kBitmapBins = 4096;  // up to this many bins, their flags (holds a positive) fit in 8 registers
+constexpr int64_t kBitmapBins = 8192;  // up to this many bins, their flags (holds a positive) fit in 16 registers
 constexpr int64_t kBinsPerPositive = 2;
 constexpr int32_t kLargeBin = 16;  // LabelTable::build sorts a bin of more positives by std::sort
 constexpr int64_t kTopkChunk = 32;
@@ -322,10 +322,10 @@ struct LabelTable {
   // count[m] = #other annotated entries placed with exactly m positives <= them, for m <= P.
   std::vector<int32_t> count;
   int64_t above = 0;          // other annotated entries >= hi
-  // With the bitmap (P <= 2,048), the float AVX-512 count uses 16-bit copies: the bin entries (below << 3 fits), and
+  // With the bitmap (P <= 4,096), the float AVX-512 count uses 16-bit copies: the bin entries (below << 3 fits), and
   // the counts of one run (a tile's column, at most kSmallCountRun scores), added into hist and count after it.
   // Half the bytes keep the placing's lookups in L1 (AP op at the GZSL size 122.3 -> 117.8 and 123.4 -> 117.2 ms).
-  std::vector<int16_t> bins16;
+  std::vector<uint16_t> bins16;
   std::vector<uint16_t> hist16, count16;
 
   // Sorts the positives by bin first: bins are monotone in the score, so the positives are then out of order only
@@ -372,7 +372,7 @@ struct LabelTable {
     hist.assign(G + kLanes, 0);
     if (G <= kBitmapBins) {
       if constexpr (std::is_same_v<T, float>) {  // only the float count (AVX-512) uses the 16-bit copies
-        static_assert((kBitmapBins / kBinsPerPositive) << 3 <= std::numeric_limits<int16_t>::max() - 7,
+        static_assert(((kBitmapBins / kBinsPerPositive) << 3 | 7) <= std::numeric_limits<uint16_t>::max(),
                       "a bin entry of a bitmap table fits 16 bits");
         bins16.assign(bins.begin(), bins.end());
         hist16.assign(G, 0);
@@ -564,21 +564,22 @@ PYZSL_AVX512 void count_run_avx512(LabelTable<float>& table, const float* values
 // block to find the queued ones (AP op at the GZSL size 170.4 -> 159.9 ms against count_run_avx512 for every table),
 // and no increment for a score below the range or queued, a third of them at the GZSL size (AP op 137.2 -> 128.6
 // and 141.1 -> 127.6 ms against incrementing every score, the outside ones in spare slots). It counts in the table's
-// 16-bit arrays (bins16, hist16, count16) and adds them into the 32-bit ones at the end of the run.
+// 16-bit arrays (bins16, hist16, count16) and adds them into the 32-bit ones at the end of the run. Since those, the
+// bitmap covers 8,192 bins in 16 registers, not 4,096 in 8 (AP op at the GZSL size 117.8 -> 114.1 ms; its labels of
+// 2,048 to 4,096 positives 19.4 -> 16.8 ms): the 32-bit counts of count_run_avx512 leave L1 at that size.
 template <int Pairs>
 PYZSL_AVX512 void count_run_flagged_avx512(LabelTable<float>& table, const float* values, int64_t n) {
-  static_assert(Pairs == 1 || Pairs == 2 || Pairs == 4, "1,024, 2,048 or 4,096 bins");
+  static_assert(Pairs == 1 || Pairs == 2 || Pairs == 4 || Pairs == 8, "1,024, 2,048, 4,096 or 8,192 bins");
   alignas(64) int32_t counted_bin[kCountBlock + kLanes], queue_bin[kCountBlock + kLanes];
   alignas(64) float queue_x[kCountBlock + kLanes];
   const VectorBins bin_of16(table);
   const __m512i low5 = _mm512_set1_epi32(31), one = _mm512_set1_epi32(1);
-  const __m512i bit5 = _mm512_set1_epi32(32), bit6 = _mm512_set1_epi32(64);
   __m512i words[2 * Pairs];  // word w of the bitmap: register w / 16, lane w % 16
   for (int r = 0; r < 2 * Pairs; ++r) words[r] = _mm512_loadu_si512(table.holds_positive.data() + kLanes * r);
   TORCH_INTERNAL_ASSERT(n <= kSmallCountRun, "a run's 16-bit counts could overflow");
   uint16_t* const hist16 = table.hist16.data();
   uint16_t* const count16 = table.count16.data();
-  const int16_t* const entries16 = table.bins16.data();
+  const uint16_t* const entries16 = table.bins16.data();
   int64_t above = 0;
   for (int64_t b0 = 0; b0 < n; b0 += kCountBlock) {
     const float* const x0 = values + b0;
@@ -591,21 +592,17 @@ PYZSL_AVX512 void count_run_flagged_avx512(LabelTable<float>& table, const float
       const __m512 x = _mm512_maskz_loadu_ps(lanes, x0 + i0);
       __mmask16 inside;
       const __m512i bin = bin_of16(x, lanes, inside, above);
-      // The lane's flag word: bits 0-4 of its index pick a lane of a register pair, bits 5 and 6 the pair.
+      // The lane's flag word: bits 0-4 of its index pick a lane of a register pair (one permute per pair), then
+      // bit 5 picks between pairs 2q and 2q + 1, bit 6 between those picks, and so on.
       const __m512i w = _mm512_maskz_srli_epi32(0xFFFF, bin, 5);
-      __m512i word = _mm512_permutex2var_epi32(words[0], w, words[1]);
-      if constexpr (Pairs >= 2) {
-        word = _mm512_mask_mov_epi32(word, _mm512_test_epi32_mask(w, bit5),
-                                     _mm512_permutex2var_epi32(words[2], w, words[3]));
-      }
-      if constexpr (Pairs >= 4) {
-        __m512i high = _mm512_permutex2var_epi32(words[4], w, words[5]);
-        high = _mm512_mask_mov_epi32(high, _mm512_test_epi32_mask(w, bit5),
-                                     _mm512_permutex2var_epi32(words[6], w, words[7]));
-        word = _mm512_mask_mov_epi32(word, _mm512_test_epi32_mask(w, bit6), high);
+      __m512i word[Pairs];
+      for (int q = 0; q < Pairs; ++q) word[q] = _mm512_permutex2var_epi32(words[2 * q], w, words[2 * q + 1]);
+      for (int bit = 5, left = Pairs; left > 1; ++bit, left /= 2) {
+        const __mmask16 upper = _mm512_test_epi32_mask(w, _mm512_set1_epi32(1 << bit));
+        for (int q = 0; q < left / 2; ++q) word[q] = _mm512_mask_mov_epi32(word[2 * q], upper, word[2 * q + 1]);
       }
       const __mmask16 queued =
-          _mm512_mask_test_epi32_mask(inside, _mm512_maskz_srlv_epi32(0xFFFF, word, _mm512_and_si512(bin, low5)), one);
+          _mm512_mask_test_epi32_mask(inside, _mm512_maskz_srlv_epi32(0xFFFF, word[0], _mm512_and_si512(bin, low5)), one);
       // Only the in-range scores whose bin holds no positive are counted per bin: the others' counts would go unused.
       const __mmask16 counted = inside & ~queued;
       _mm512_storeu_si512(counted_bin + num_counted, _mm512_maskz_compress_epi32(counted, bin));
@@ -628,8 +625,10 @@ PYZSL_AVX512 void count_run_any_avx512(LabelTable<float>& table, const float* va
     count_run_flagged_avx512<1>(table, values, n);
   } else if (G <= 2048) {
     count_run_flagged_avx512<2>(table, values, n);
-  } else if (G <= kBitmapBins) {
+  } else if (G <= 4096) {
     count_run_flagged_avx512<4>(table, values, n);
+  } else if (G <= kBitmapBins) {
+    count_run_flagged_avx512<8>(table, values, n);
   } else {
     count_run_avx512(table, values, n);
   }
