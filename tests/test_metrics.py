@@ -549,8 +549,8 @@ def test_cpp_ap_portable_path_in_subprocess():
 def run_isolated(code, env=None):
     """Runs ``code`` in a fresh interpreter from the repository root; it must print "ok" and exit cleanly."""
     tests = Path(__file__).resolve().parent
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tests), os.environ.get("PYTHONPATH")])),
-                   **(env or {})}
+    python_path = os.pathsep.join(filter(None, [str(tests), os.environ.get("PYTHONPATH")]))
+    environment = {**os.environ, "PYTHONPATH": python_path, **(env or {})}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=tests.parent, env=environment)
     assert done.returncode == 0 and done.stdout.strip() == "ok", (

@@ -621,8 +621,8 @@ PYZSL_AVX512 void count_run_flagged_avx512(LabelTable<float>& table, const float
         const __mmask16 upper = _mm512_test_epi32_mask(w, _mm512_set1_epi32(1 << bit));
         for (int q = 0; q < left / 2; ++q) word[q] = _mm512_mask_mov_epi32(word[2 * q], upper, word[2 * q + 1]);
       }
-      const __mmask16 queued =
-          _mm512_mask_test_epi32_mask(inside, _mm512_maskz_srlv_epi32(0xFFFF, word[0], _mm512_and_si512(bin, low5)), one);
+      const __m512i flags = _mm512_maskz_srlv_epi32(0xFFFF, word[0], _mm512_and_si512(bin, low5));
+      const __mmask16 queued = _mm512_mask_test_epi32_mask(inside, flags, one);
       // Only the in-range scores whose bin holds no positive are counted per bin: the others' counts would go unused.
       const __mmask16 counted = inside & ~queued;
       _mm512_storeu_si512(counted_bin + num_counted, _mm512_maskz_compress_epi32(counted, bin));

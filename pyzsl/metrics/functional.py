@@ -135,7 +135,7 @@ def _mean_ap(ap: Tensor, proto: Protocol) -> Tensor:
 def _topk_from_hits(hits: Tensor, row_positives: Tensor, ks: Sequence[int], proto: Protocol) -> Dict[int, TopK]:
     """P/R/F1 at each k <= hits.shape[1] from the [N, max k] hits. An image without positive has no hit and adds no
     positive, so dropping it (``proto.drop_images_without_positive``) changes only the number of images the precision
-    divides by; no row is gathered (GZSL size, K = 3 and 5: 3.0 -> 0.4 ms)."""
+    divides by; no row is gathered (GZSL size, K = 3 and 5: 3.0 -> 0.5 ms)."""
     images = int((row_positives > 0).sum()) if proto.drop_images_without_positive else hits.shape[0]
     hits_within = hits.sum(0, dtype=torch.float64).cumsum(0)  # [r]: hits at ranks 0..r of all images
     positives = row_positives.sum(dtype=torch.float64)
@@ -312,8 +312,9 @@ def gzsl_accuracy(
     labels = labels.cpu().long()
     _labels_in(labels, torch.cat([seen, unseen]), "seen_classes or unseen_classes", op)
     is_seen = torch.isin(labels, seen)
-    s = _class_mean_accuracy(preds[is_seen], labels[is_seen], seen) if bool(is_seen.any()) else torch.tensor(float("nan"), dtype=torch.float64)
-    u = _class_mean_accuracy(preds[~is_seen], labels[~is_seen], unseen) if bool((~is_seen).any()) else torch.tensor(float("nan"), dtype=torch.float64)
+    nan = torch.tensor(float("nan"), dtype=torch.float64)  # no image of the set: no accuracy
+    s = _class_mean_accuracy(preds[is_seen], labels[is_seen], seen) if bool(is_seen.any()) else nan
+    u = _class_mean_accuracy(preds[~is_seen], labels[~is_seen], unseen) if bool((~is_seen).any()) else nan
     h = torch.where(s + u > 0, 2 * s * u / (s + u), s + u)
     return GZSLAccuracy(s, u, h)
 
